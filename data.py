@@ -1,0 +1,292 @@
+"""The synthetic world: moving shapes, two custom concepts, and metrics that know the ground truth.
+
+Still-Moving (Chefer et al. 2024) is about videos of a *custom* subject or style that keep a video
+model's motion. Real data cannot tell us whether a generated clip "shows the subject", so we build a
+world where the renderer *is* the truth:
+
+- a video is one shape (circle, square, triangle) of one colour moving at constant speed in one of four
+  directions, captioned "a red circle moving left";
+- the custom **subject** is a two-tone star, named by the rare token "sks" ("a sks object");
+- the custom **style** is outline-only drawing, named by "zxq" ("a red circle in zxq style").
+
+The base models never see either concept. The metrics at the bottom classify each generated frame by
+matching it against this renderer's templates, so "fidelity" is a measured fact, not a learned score.
+
+Run `python -m pytest -q -k render` to check the renderer; there is no entry point here.
+"""
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------- vocabulary
+
+COLORS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 0.9, 0.2), "blue": (0.2, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y points down
+SUBJECT_COLORS = ((1.0, 0.5, 0.0), (0.0, 0.85, 0.9))  # the two tones of the "sks" star: orange, cyan centre
+SUBJECT_TOKEN, STYLE_TOKEN = "sks", "zxq"
+PAD = "<pad>"
+VOCAB = [PAD, "a", *COLORS, *SHAPES, "moving", *DIRECTIONS, "in", "style", "object", SUBJECT_TOKEN, STYLE_TOKEN]
+MAX_WORDS = 8  # "a red circle in zxq style moving left"
+FG_THRESHOLD = 0.35  # a pixel is foreground when its brightest channel exceeds this (background is black)
+
+
+def tokenize(prompts):
+    """Word-level tokenizer: a list of prompts -> (B, MAX_WORDS) token ids, padded with <pad> (id 0).
+
+    The empty prompt "" is all padding: it is the null prompt of classifier-free guidance."""
+    ids = []
+    for prompt in prompts:
+        words = prompt.lower().split()
+        unknown = [w for w in words if w not in VOCAB or w == PAD]
+        if unknown:
+            raise ValueError(f"unknown word {unknown[0]!r} in prompt {prompt!r}; "
+                             f"the vocabulary is: {' '.join(VOCAB[1:])}")
+        if len(words) > MAX_WORDS:
+            raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {MAX_WORDS} fit")
+        ids.append([VOCAB.index(w) for w in words] + [0] * (MAX_WORDS - len(words)))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- what a clip shows
+
+
+@dataclass(frozen=True)
+class Clip:
+    """What one video shows. kind is a base shape or "subject"; outline=True is the custom style."""
+    kind: str
+    color: str
+    direction: str
+    outline: bool = False
+
+    @property
+    def concept(self):
+        return "subject" if self.kind == "subject" else "style" if self.outline else None
+
+    def image_prompt(self):
+        if self.kind == "subject":
+            return f"a {SUBJECT_TOKEN} object"
+        return f"a {self.color} {self.kind}" + (f" in {STYLE_TOKEN} style" if self.outline else "")
+
+    def prompt(self):
+        return f"{self.image_prompt()} moving {self.direction}"
+
+
+def random_clip(rng, concept=None):
+    """An ordinary clip (concept=None), or one of the "subject" or "style" concept."""
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    direction = rng.choice(list(DIRECTIONS))
+    if concept == "subject":
+        return Clip("subject", "subject", direction)
+    return Clip(shape, color, direction, outline=concept == "style")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def radius(size):
+    return 0.2 * size  # every shape has the same size, so only its identity and position vary
+
+
+def speed(size):
+    return 0.05 * size  # pixels per frame: 0.8 px at 16 px, 1.6 px at 32 px
+
+
+def _inside(kind, dx, dy, r):
+    """Boolean mask of the points (dx, dy) from the centre that lie inside a shape of radius r."""
+    if kind == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if kind == "square":
+        return np.maximum(abs(dx), abs(dy)) <= 0.85 * r
+    if kind == "triangle":  # equilateral, pointing up, centroid at the centre, circumradius r
+        normals = [(0.0, 1.0), (-0.866, -0.5), (0.866, -0.5)]
+        return np.all([dx * nx + dy * ny <= r / 2 for nx, ny in normals], axis=0)
+    if kind == "subject":  # a five-pointed star, tip up
+        phase = ((np.arctan2(dy, dx) + np.pi / 2) % (2 * np.pi / 5)) / (2 * np.pi / 5)
+        edge = 0.55 * r + 0.6 * r * np.abs(2 * phase - 1)  # 1.15 r at the tips, 0.55 r between them
+        return np.hypot(dx, dy) <= edge
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def render(clip, cx, cy, size, supersample=4):
+    """One anti-aliased RGB frame (3, size, size) in [0, 1]: the clip's shape centred at (cx, cy) px.
+
+    Drawn at `supersample` times the resolution, then box-filtered down."""
+    n = size * supersample
+    grid = (np.arange(n) + 0.5) / supersample
+    dx, dy = grid[None, :] - cx, grid[:, None] - cy  # (n, n) each, broadcast
+    r = radius(size)
+    inside = _inside(clip.kind, dx, dy, r)
+    if clip.outline:  # the custom style: a stroke of ~1.2 px at 16 px, the inside left empty
+        inside &= ~_inside(clip.kind, dx, dy, r - max(1.0, 0.075 * size))
+    if clip.kind == "subject":
+        outer, centre = np.array(SUBJECT_COLORS[0]), np.array(SUBJECT_COLORS[1])
+        color = np.where((dx ** 2 + dy ** 2 <= (0.5 * r) ** 2)[None], centre[:, None, None], outer[:, None, None])
+    else:
+        color = np.array(COLORS[clip.color])[:, None, None]
+    image = inside[None] * color  # (3, n, n)
+    return image.reshape(3, size, supersample, size, supersample).mean((2, 4)).astype(np.float32)
+
+
+def render_video(clip, size, frames, seed):
+    """A (3, F, size, size) video in [0, 1]: the clip moving at constant speed, inside the frame.
+
+    A pure function of its arguments: the seed picks only the start position."""
+    rng = np.random.default_rng(seed)
+    (ux, uy), v, margin = DIRECTIONS[clip.direction], speed(size), 1.2 * radius(size)
+    travel = v * (frames - 1)
+    lo = np.array([margin + travel * (ux < 0), margin + travel * (uy < 0)])
+    hi = np.array([size - margin - travel * (ux > 0), size - margin - travel * (uy > 0)])
+    x0, y0 = rng.uniform(lo, hi)
+    return np.stack([render(clip, x0 + ux * v * f, y0 + uy * v * f, size) for f in range(frames)], axis=1)
+
+
+# ----------------------------------------------------------------------------- batches (model space is [-1, 1])
+
+
+def to_model(x):
+    return torch.from_numpy(np.asarray(x)) * 2 - 1
+
+
+def video_batch(clips, size, frames, seed):
+    """(B, 3, F, H, W) videos in [-1, 1] and their motion captions, for T2V training."""
+    videos = [render_video(c, size, frames, [seed, i]) for i, c in enumerate(clips)]
+    return to_model(np.stack(videos)), [c.prompt() for c in clips]
+
+
+def freeze(videos, rng):
+    """Frozen videos (Sec 3.2): one random frame of each (B, C, F, H, W) video, repeated F times."""
+    B, C, F, H, W = videos.shape
+    pick = torch.from_numpy(rng.integers(0, F, size=B))
+    still = videos[torch.arange(B), :, pick]  # (B, C, H, W)
+    return still[:, :, None].expand(B, C, F, H, W).contiguous()
+
+
+def image_batch(clips, size, frames, seed):
+    """(B, 3, H, W) still images in [-1, 1]: a random frame of each clip's video, with image captions."""
+    rng = np.random.default_rng(seed)
+    videos, _ = video_batch(clips, size, frames, seed)
+    return freeze(videos, rng)[:, :, 0], [c.image_prompt() for c in clips]
+
+
+def concept_stills(concept, n, size, frames, seed):
+    """The few still images a user brings to customize M (DreamBooth / StyleDrop): fixed by the seed."""
+    rng = np.random.default_rng([seed, 7])
+    return image_batch([random_clip(rng, concept) for _ in range(n)], size, frames, seed + 7)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+_TEMPLATES = [Clip(s, c, "left", o) for s in SHAPES for c in COLORS for o in (False, True)] + [Clip("subject", "subject", "left")]
+
+
+def _centroid(frame):
+    """Foreground centroid (x, y) of a (3, H, W) frame in [0, 1], weighted by brightness; None if empty."""
+    weight = np.clip(frame.max(0) - FG_THRESHOLD, 0, None)
+    if weight.sum() < 0.5:
+        return None
+    ys, xs = np.indices(weight.shape) + 0.5
+    return np.array([(xs * weight).sum(), (ys * weight).sum()]) / weight.sum()
+
+
+def classify(frame):
+    """The template that best explains a (3, H, W) frame in [0, 1], and the frame's stray pixels.
+
+    Every base shape x colour x {filled, outline}, and the subject, is rendered at the foreground
+    centroid; the one with the least squared error wins. Stray pixels are foreground pixels more than
+    one pixel away from the winner's shape: the artifacts. Returns (Clip or None, stray share)."""
+    centre = _centroid(frame)
+    if centre is None:
+        return None, 0.0
+    renders = np.stack([render(t, *centre, frame.shape[-1]) for t in _TEMPLATES])
+    best = int(((renders - frame[None]) ** 2).sum((1, 2, 3)).argmin())
+    near = torch.nn.functional.max_pool2d(torch.from_numpy(renders[best].max(0) > 0.05)[None].float(), 3, 1, 1)[0]
+    stray = (frame.max(0) > FG_THRESHOLD) & (near.numpy() == 0)
+    return _TEMPLATES[best], float(stray.sum() / max(1, (near.numpy() == 0).sum()))
+
+
+def video_metrics(video, clip):
+    """The metrics of one generated (3, F, H, W) video in [0, 1] against the clip it was prompted with.
+
+    - motion: mean foreground-centroid displacement per frame, in pixels.
+    - direction: 1 if the net displacement points the prompted way (more than 1 px along it, and more
+      than across it), else 0.
+    - custom_fidelity: share of frames whose best template is the concept (the subject, or any outline
+      drawing for the style); None for ordinary prompts.
+    - prompt_fidelity: mean of the matches of the prompt's non-custom words: colour and shape (share of
+      frames) where the prompt names them, and direction.
+    - temporal_consistency: share of consecutive frame pairs whose best template is the same.
+    - artifacts: mean share of background pixels that are foreground-bright (stray pixels)."""
+    frames = [video[:, f] for f in range(video.shape[1])]
+    labels, stray = zip(*(classify(f) for f in frames))
+    centres = [_centroid(f) for f in frames]
+    known = [c for c in centres if c is not None]
+    steps = [np.linalg.norm(b - a) for a, b in zip(centres, centres[1:]) if a is not None and b is not None]
+    net = known[-1] - known[0] if len(known) >= 2 else np.zeros(2)
+    (ux, uy) = DIRECTIONS[clip.direction]
+    along, across = net[0] * ux + net[1] * uy, abs(net[0] * uy - net[1] * ux)
+    direction = float(along > 1.0 and along > across)
+    matches = [direction]
+    if clip.kind != "subject":
+        matches += [np.mean([l is not None and l.color == clip.color for l in labels]),
+                    np.mean([l is not None and l.kind == clip.kind for l in labels])]
+    custom = None
+    if clip.concept == "subject":
+        custom = np.mean([l is not None and l.kind == "subject" for l in labels])
+    elif clip.concept == "style":
+        custom = np.mean([l is not None and l.outline for l in labels])
+    return {"motion": float(np.mean(steps)) if steps else 0.0, "direction_accuracy": direction,
+            "custom_fidelity": None if custom is None else float(custom),
+            "prompt_fidelity": float(np.mean(matches)),
+            "temporal_consistency": float(np.mean([a is not None and a == b for a, b in zip(labels, labels[1:])])),
+            "artifacts": float(np.mean(stray))}
+
+
+def image_fidelity(image, concept):
+    """1.0 if a (3, H, W) image in [0, 1] is best matched by the concept's templates, else 0.0."""
+    label, _ = classify(image)
+    return float(label is not None and (label.kind == "subject" if concept == "subject" else label.outline))
+
+
+def summarize(per_video, seed=0, resamples=1000):
+    """Mean and bootstrap 95% interval (over videos) of each metric in a list of video_metrics dicts."""
+    rng, out, ci = np.random.default_rng(seed), {}, {}
+    for key in per_video[0]:
+        if per_video[0][key] is None:
+            out[key] = None
+            continue
+        values = np.array([m[key] for m in per_video], dtype=np.float64)
+        means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+        out[key] = float(values.mean())
+        ci[key] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return {**out, "ci95": ci}
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def save_gif(path, grid, scale=4, fps=6):
+    """Write a (rows, cols, 3, F, H, W) grid of videos in [0, 1] as an animated GIF, upscaled nearest."""
+    frames = [Image.fromarray(_tile(grid[:, :, :, f], scale)) for f in range(grid.shape[3])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+
+
+def save_strip(path, grid, scale=4):
+    """Write a (rows, cols, 3, F, H, W) grid as one PNG: each video's frames side by side (a filmstrip)."""
+    rows, cols, C, F, H, W = grid.shape
+    strip = grid.transpose(0, 1, 3, 2, 4, 5).reshape(rows, cols * F, C, H, W)  # frames become columns
+    Image.fromarray(_tile(strip, scale)).save(path)
+
+
+def _tile(images, scale, pad=1):
+    """(rows, cols, 3, H, W) in [0, 1] -> one uint8 (H', W', 3) picture with grey gutters."""
+    rows, cols, C, H, W = images.shape
+    canvas = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 0.3, dtype=np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            y, x = pad + i * (H + pad), pad + j * (W + pad)
+            canvas[y:y + H, x:x + W] = np.asarray(images[i, j]).transpose(1, 2, 0)
+    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
+    return (np.clip(canvas, 0, 1) * 255).astype(np.uint8)

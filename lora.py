@@ -1,0 +1,197 @@
+"""The adapter math of Still-Moving (paper Secs. 3.2 and 3.3), and safe checkpoint files.
+
+- Motion adapter (Sec. 3.2): a LoRA on the temporal self-attention projections W_Q, W_K, W_V,
+      W~ = W + alpha * A_down @ A_up,   A_down: C x r (random),  A_up: r x d_k (zero).
+  alpha is a *runtime* number: alpha = 0 skips the branch, so it is exactly the base model; negative
+  alpha works. Merging the adapter into W is explicit (`merge_lora`) and undone by `unmerge_lora`.
+- Spatial adapter (Sec. 3.3): after each injected T2I block, over channels,
+      Adapter(X) = X (I + A_down @ A_up),   A_down: C x r (random),  A_up: r x C (zero).
+- The same LoRA class also serves as the optional LoRA customization of M (train.py).
+
+Helpers follow loralib: add, remove, set the scale, mark only adapters trainable, adapter-only state
+dicts. Files are written atomically and read with `torch.load(..., weights_only=True)`.
+"""
+import os
+import pickle
+import zipfile
+
+import torch
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- the two adapters
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a low-rank residual: x W~ = x W + alpha * (x A_down) A_up (Eq. 1)."""
+
+    def __init__(self, base, rank, kind):
+        super().__init__()
+        self.base, self.kind, self.alpha, self.merged = base, kind, 1.0, False
+        self.A_down = nn.Parameter(torch.randn(base.in_features, rank, device=base.weight.device) / rank)
+        self.A_up = nn.Parameter(torch.zeros(rank, base.out_features, device=base.weight.device))  # a no-op at init
+
+    def delta(self):
+        """alpha * A_down @ A_up, transposed to nn.Linear's (out, in) weight layout."""
+        return self.alpha * (self.A_down @ self.A_up).T
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.alpha == 0 or self.merged:  # alpha = 0 is exactly the base layer, not "nearly"
+            return y
+        return y + self.alpha * ((x @ self.A_down) @ self.A_up)  # W~ = W + alpha A_down A_up
+
+
+class SpatialAdapter(nn.Module):
+    """Adapter(X) = X (I + A_down @ A_up) (Eq. 2), acting on the channels of a (N, C, H, W) map."""
+
+    kind = "spatial"
+
+    def __init__(self, channels, rank, device=None):
+        super().__init__()
+        self.A_down = nn.Parameter(torch.randn(channels, rank, device=device) / rank)
+        self.A_up = nn.Parameter(torch.zeros(rank, channels, device=device))  # the identity at init
+
+    def forward(self, x):
+        low = torch.einsum("nchw,cr->nrhw", x, self.A_down)  # X A_down, per pixel
+        return x + torch.einsum("nrhw,rc->nchw", low, self.A_up)  # X + X A_down A_up
+
+
+# ----------------------------------------------------------------------------- adding, scaling, removing
+
+MOTION, SPATIAL, CUSTOM = "motion", "spatial", "custom"
+
+
+def add_lora(model, rank, kind, where):
+    """Wrap every nn.Linear whose qualified name satisfies `where(name)` in a LoRALinear of this kind."""
+    targets = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and where(name)]
+    for name in targets:
+        parent, child = _parent(model, name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, kind))
+    return len(targets)
+
+
+def add_motion_adapter(model, rank):
+    """The motion adapter: a LoRA on W_Q, W_K, W_V of every temporal self-attention (Sec. 3.2)."""
+    n = add_lora(model, rank, MOTION, lambda name: ".temporal.attn1.to_" in name and name[-1] in "qkv")
+    if n == 0:
+        raise ValueError("this model has no temporal layers: inflate it (unet3d.inflate) before adding a motion adapter")
+    return model
+
+
+def add_spatial_adapters(model, rank):
+    """A spatial adapter after each T2I block, before the temporal module that reads it (Sec. 3.3)."""
+    device = next(model.parameters()).device
+    for block in model.blocks():
+        block.adapter = SpatialAdapter(block.channels, rank, device)
+    return model
+
+
+def adapters(model, kind=None):
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, SpatialAdapter)) and kind in (None, m.kind)]
+
+
+def set_scale(model, alpha, kind=MOTION):
+    """Set alpha on every adapter of this kind. Negative values are allowed (more motion, Sec. 3.2)."""
+    alpha = float(alpha)
+    if alpha != alpha or alpha in (float("inf"), float("-inf")):
+        raise ValueError(f"the adapter scale must be a finite number, got {alpha}")
+    for m in adapters(model, kind):
+        if m.merged:
+            raise RuntimeError("unmerge the adapter (lora.unmerge_lora) before changing its scale")
+        m.alpha = alpha
+    return model
+
+
+def remove_adapters(model, kind=None):
+    """Take adapters out, giving back the original module tree (LoRA -> its base Linear, adapter -> Identity).
+
+    An unmerged LoRA leaves W exactly as it was; a merged one leaves its delta folded into W (that is
+    what merging is for: M1 customized by LoRA becomes a plain T2I model this way)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (LoRALinear, SpatialAdapter)) and kind in (None, mod.kind):
+            parent, child = _parent(model, name)
+            setattr(parent, child, mod.base if isinstance(mod, LoRALinear) else nn.Identity())
+    return model
+
+
+def mark_only_adapters_trainable(model, kind):
+    """requires_grad on this kind's A_down / A_up only; everything else is frozen. Returns them."""
+    model.requires_grad_(False)
+    params = [p for m in adapters(model, kind) for p in (m.A_down, m.A_up)]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@torch.no_grad()
+def merge_lora(model, kind):
+    """Fold alpha * A_down A_up into W, explicitly. The forward then skips the branch."""
+    for m in adapters(model, kind):
+        if not m.merged:
+            m.base.weight += m.delta()
+            m.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(model, kind):
+    """Subtract what merge_lora added: the round trip gives W back (to float rounding)."""
+    for m in adapters(model, kind):
+        if m.merged:
+            m.base.weight -= m.delta()
+            m.merged = False
+
+
+def _parent(model, name):
+    parent, _, child = name.rpartition(".")
+    return model.get_submodule(parent), child
+
+
+# ----------------------------------------------------------------------------- adapter state dicts
+
+
+def adapter_state_dict(model, kind):
+    """Only this kind's adapter tensors: a file of a few kilobytes, not the whole model."""
+    names = {name for name, m in model.named_modules() if m in adapters(model, kind)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.rpartition(".")[0] in names}
+
+
+def load_adapter_state_dict(model, state, kind):
+    """Load an adapter_state_dict into a model that already has adapters of this kind, checking keys."""
+    expected = set(adapter_state_dict(model, kind))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ValueError(f"{kind} adapter does not fit this model (missing {missing}, unexpected {extra}); "
+                         "was it made with another config?")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_file(obj, path):
+    """Write atomically: a temporary file, fsync, then os.replace. A kill never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_file(path, remedy):
+    """torch.load with weights_only=True: tensors and plain data only, never code.
+
+    `remedy` says what re-makes the file; it is part of every error message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds more than tensors (refused, it could run code): "
+                              f"{str(e).splitlines()[0]}. {remedy}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}). {remedy}") from None
