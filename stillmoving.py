@@ -17,6 +17,7 @@ Then every claim of the paper is measured against the ground truth of data.py (`
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,7 +40,7 @@ CONCEPTS = ("subject", "style")
 
 def train_motion_adapter(run, v):
     """A LoRA on W_Q, W_K, W_V of every temporal layer of the plain V, trained at alpha = 1 with the
-    ordinary diffusion loss on frozen videos. Everything but A_down, A_up is frozen."""
+    ordinary diffusion loss on frozen videos. Everything but A_down, A_up is frozen. Returns V + adapter."""
     cfg, dev = run.cfg, run.device
     model = lora.add_motion_adapter(copy.deepcopy(v), cfg.motion_rank)
     params = lora.mark_only_adapters_trainable(model, MOTION)
@@ -50,8 +51,7 @@ def train_motion_adapter(run, v):
                                            cfg.size, cfg.frames, int(rng.integers(2 ** 31)))
         frozen = data.freeze(videos, rng)  # one random frame of each training video, repeated F times
         return run.diffusion.loss(model, frozen.to(dev), data.tokenize(prompts).to(dev), gen)
-    train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.adapter_lr)
-    return lora.adapter_state_dict(model, MOTION)
+    return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.adapter_lr)
 
 
 def rank_of(state):
@@ -120,8 +120,7 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
             lora.set_scale(model, 0.0)  # prior videos move: the motion adapter is off for them
             total = total + run.diffusion.loss(model, real[j].to(dev), data.tokenize([real_prompts[k] for k in j]).to(dev), gen)
         return total
-    train_loop(run, f"spatial_{concept}_{variant}", model, params, loss, cfg.spatial_steps, cfg.adapter_lr)
-    return lora.adapter_state_dict(model, SPATIAL)
+    return train_loop(run, f"spatial_{concept}_{variant}", model, params, loss, cfg.spatial_steps, cfg.adapter_lr)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -130,13 +129,13 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
 def recipe(run):
     """Every stage, each reused if its file exists. Returns the models and adapters by name."""
     m, v, m1s = base_models(run)
-    motion = run.stage("motion_adapter", lambda: train_motion_adapter(run, v))
+    motion = run.stage("motion_adapter", lambda: lora.adapter_state_dict(train_motion_adapter(run, v), MOTION))
     generated, spatial = {}, {}
     for concept in CONCEPTS:
         generated[concept] = run.stage(f"m1_images_{concept}", lambda: m1_images(run, m1s[concept], concept))
         for variant in VARIANTS:
-            spatial[concept, variant] = run.stage(f"spatial_{concept}_{variant}", lambda: train_spatial_adapters(
-                run, v, m1s[concept], motion, generated[concept], concept, variant))
+            spatial[concept, variant] = run.stage(f"spatial_{concept}_{variant}", lambda: lora.adapter_state_dict(
+                train_spatial_adapters(run, v, m1s[concept], motion, generated[concept], concept, variant), SPATIAL))
     return dict(m=m, v=v, m1s=m1s, motion=motion, generated=generated, spatial=spatial)
 
 
@@ -307,6 +306,8 @@ def sample_command(args):
     ckpt = os.path.join(args.run, "ckpt")
     if not os.path.isdir(ckpt):
         raise ValueError(f"{args.run} is not a run folder (no ckpt/); make one with `python stillmoving.py --out {args.run}`")
+    if not math.isfinite(args.motion_scale):
+        raise ValueError(f"--motion-scale must be a finite number, got {args.motion_scale}")
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; try --prompt \"a sks object moving left\"")
     clip_tokens = data.tokenize([args.prompt])  # unknown words fail here, listing the vocabulary

@@ -72,7 +72,19 @@ PRESETS = {
                   motion_steps=600, spatial_steps=500, sample_steps=25, eval_videos=64),
 }
 
-ARCHITECTURE = ("size", "frames", "ch", "mults", "text_dim", "max_frames")
+
+
+def validate(cfg):
+    """Refuse a config that could only fail later, deep inside a stage."""
+    if cfg.frames > cfg.max_frames:
+        raise ValueError(f"frames={cfg.frames} is more than the frame-position code supports (max_frames={cfg.max_frames})")
+    if not 8 <= cfg.size <= 128 or cfg.size % 2 ** (len(cfg.mults) - 1):
+        raise ValueError(f"size={cfg.size} must be 8..128 px and divisible by {2 ** (len(cfg.mults) - 1)}")
+    if cfg.custom_mode not in ("full", "lora"):
+        raise ValueError(f"custom_mode={cfg.custom_mode!r}; use full or lora")
+    if min(cfg.image_batch, cfg.video_batch, cfg.eval_videos, cfg.n_stills, cfg.n_generated, cfg.sample_steps) < 1:
+        raise ValueError("batch sizes, sample counts and sampler steps must be at least 1")
+    return cfg
 
 
 def pick_device(name="auto"):
@@ -233,7 +245,7 @@ class Run:
     """A run folder: <out>/ckpt/<stage>.pt per finished stage, samples/, results. Stages are reused."""
 
     def __init__(self, cfg, out, device):
-        self.cfg, self.dir, self.device = cfg, out, device
+        self.cfg, self.dir, self.device = validate(cfg), out, device
         self.diffusion = Diffusion(device)
         self.seconds = {}
         try:
@@ -342,10 +354,8 @@ def customize(run, m, concept):
         if cfg.custom_mode == "lora":  # LoRA on every T2I linear, plus the token table for the new word
             lora.add_lora(m1, cfg.spatial_rank, lora.CUSTOM, lambda n: True)
             params = lora.mark_only_adapters_trainable(m1, lora.CUSTOM) + [m1.text.embed.weight.requires_grad_()]
-        elif cfg.custom_mode == "full":
+        else:  # "full": every T2I weight, as DreamBooth does
             params = list(m1.parameters())
-        else:
-            raise ValueError(f"unknown custom_mode {cfg.custom_mode!r}; use full or lora")
 
         def loss(rng, gen):
             i, j = rng.integers(0, len(stills), cfg.image_batch // 2), rng.integers(0, len(prior), cfg.image_batch // 2)

@@ -1,0 +1,405 @@
+"""The specification of stillmoving, as fast CPU tests: adapter invariants first, then the schedule,
+the synthetic world and its metrics, the recipe's invariants, and the failure modes a user can hit.
+
+    python -m pytest -q
+"""
+import copy
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import lora
+import stillmoving
+import train
+from lora import MOTION, SPATIAL
+from train import PRESETS, Diffusion, Run
+from unet3d import UNet, inflate, is_adapter, is_temporal, t2i_state_dict
+
+CPU = torch.device("cpu")
+QUICK = PRESETS["quick"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny(size=8, frames=4):
+    torch.manual_seed(0)
+    m = UNet(len(data.VOCAB), size, data.MAX_WORDS, ch=8, mults=(1, 2), text_dim=16, max_frames=frames)
+    return m, inflate(m)
+
+
+def inputs(B=2, frames=4, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, frames, size, size, generator=g)
+    return x, torch.tensor([10, 700])[:B], data.tokenize(["a red circle moving left", "a sks object"][:B])
+
+
+def randomize_up(model, kind):
+    with torch.no_grad():
+        for m in lora.adapters(model, kind):
+            m.A_up.normal_(0, 0.5)
+
+
+# ----------------------------------------------------------------------------- inflation
+
+
+def test_fresh_v_equals_m_frame_by_frame():
+    m, v = tiny()
+    x, t, tok = inputs()
+    per_frame = torch.stack([m(x[:, :, f], t, tok) for f in range(x.shape[2])], dim=2)
+    assert torch.allclose(v(x, t, tok), per_frame, atol=1e-5)
+    with torch.no_grad():  # the equality comes from the zero proj_out: break it and the test must see it
+        v.mid.temporal.proj_out.weight.normal_()
+    assert not torch.allclose(v(x, t, tok), per_frame, atol=1e-3)
+
+
+def test_inflation_leaves_m_untouched_and_parts_separate_by_name():
+    m, _ = tiny()
+    before = copy.deepcopy(m.state_dict())
+    v = inflate(m)
+    assert all(torch.equal(before[k], t) for k, t in m.state_dict().items()) and before.keys() == m.state_dict().keys()
+    temporal = [n for n, _ in v.named_parameters() if is_temporal(n)]
+    assert temporal and set(t2i_state_dict(v)) == set(m.state_dict())
+
+
+def test_frozen_video_gives_identical_frames_through_the_spatial_path():
+    m, _ = tiny()
+    x, t, tok = inputs()
+    frozen = data.freeze(x, np.random.default_rng(0))
+    out = m(frozen, t, tok)
+    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-6)
+    assert not torch.allclose(m(x, t, tok)[:, :, 0], m(x, t, tok)[:, :, 1], atol=1e-3)
+
+
+def test_shape_errors_are_clear():
+    m, v = tiny()
+    x, t, tok = inputs()
+    with pytest.raises(ValueError, match="frame-position code"):
+        v(torch.randn(2, 3, 5, 8, 8), t, tok)
+    with pytest.raises(ValueError, match="H = W = 8"):
+        v(torch.randn(2, 3, 4, 16, 16), t, tok)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_motion_adapter_is_a_no_op_until_trained_and_at_alpha_zero():
+    _, v = tiny()
+    x, t, tok = inputs()
+    base = v(x, t, tok)
+    lora.add_motion_adapter(v, rank=2)
+    assert len(lora.adapters(v, MOTION)) == 3 * len(v.blocks())  # Q, K, V of every temporal layer
+    assert torch.allclose(v(x, t, tok), base, atol=1e-6)
+    with torch.no_grad():
+        for block in v.blocks():
+            block.temporal.proj_out.weight.normal_(0, 0.1)  # let the temporal layers matter
+    lora.set_scale(v, 0.0)
+    base = v(x, t, tok)
+    randomize_up(v, MOTION)
+    assert torch.equal(v(x, t, tok), base)  # exactly, not approximately
+    plus, minus = lora.set_scale(v, 1.0)(x, t, tok), lora.set_scale(v, -1.0)(x, t, tok)
+    assert not torch.allclose(plus, base, atol=1e-4) and not torch.allclose(minus, base, atol=1e-4)
+    layer = lora.adapters(v, MOTION)[0]
+    W = layer.base.weight.detach().clone()
+    lora.set_scale(v, 1.0), lora.merge_lora(v, MOTION)
+    up = layer.base.weight.detach() - W
+    lora.unmerge_lora(v, MOTION), lora.set_scale(v, -1.0), lora.merge_lora(v, MOTION)
+    down = layer.base.weight.detach() - W
+    assert up.abs().max() > 1e-3 and torch.allclose(up, -down, atol=1e-6)  # opposite directions on W
+
+
+def test_spatial_adapter_starts_as_identity_and_removal_restores_the_model():
+    _, v = tiny()
+    x, t, tok = inputs()
+    base, keys = v(x, t, tok), set(v.state_dict())
+    lora.add_spatial_adapters(v, rank=2)
+    lora.add_motion_adapter(v, rank=2)
+    assert torch.allclose(v(x, t, tok), base, atol=1e-6)
+    feature = torch.randn(3, v.blocks()[0].channels, 4, 4)
+    assert torch.equal(v.blocks()[0].adapter(feature), feature)
+    randomize_up(v, SPATIAL)
+    assert not torch.allclose(v(x, t, tok), base, atol=1e-4)
+    lora.remove_adapters(v)
+    assert set(v.state_dict()) == keys and not lora.adapters(v)
+    assert torch.allclose(v(x, t, tok), base, atol=1e-6)
+
+
+def test_merge_then_unmerge_round_trips():
+    _, v = tiny()
+    x, t, tok = inputs()
+    lora.add_motion_adapter(v, rank=2)
+    randomize_up(v, MOTION)
+    lora.set_scale(v, -0.7)
+    before = {k: w.clone() for k, w in v.state_dict().items()}
+    unmerged = v(x, t, tok)
+    lora.merge_lora(v, MOTION)
+    assert torch.allclose(v(x, t, tok), unmerged, atol=1e-5)
+    assert any(not torch.equal(before[k], w) for k, w in v.state_dict().items())
+    with pytest.raises(RuntimeError, match="unmerge"):
+        lora.set_scale(v, 1.0)
+    lora.unmerge_lora(v, MOTION)
+    assert all(torch.allclose(before[k], w, atol=1e-6) for k, w in v.state_dict().items())
+    v.eval()  # eval() must not merge anything behind our back
+    assert all(not m.merged for m in lora.adapters(v))
+
+
+def test_adapter_state_dicts_hold_only_adapters_and_round_trip(tmp_path):
+    _, v = tiny()
+    lora.add_motion_adapter(v, rank=2)
+    lora.add_spatial_adapters(v, rank=3)
+    randomize_up(v, MOTION)
+    motion = lora.adapter_state_dict(v, MOTION)
+    assert motion and all(is_adapter(k) and ".temporal.attn1." in k for k in motion)
+    assert all(is_adapter(k) and ".adapter." in k for k in lora.adapter_state_dict(v, SPATIAL))
+    lora.save_file(motion, str(tmp_path / "motion.pt"))
+    loaded = lora.load_file(str(tmp_path / "motion.pt"), "")
+    _, fresh = tiny()
+    lora.load_adapter_state_dict(lora.add_motion_adapter(fresh, rank=2), loaded, MOTION)
+    assert all(torch.equal(motion[k], w) for k, w in lora.adapter_state_dict(fresh, MOTION).items())
+    with pytest.raises(ValueError, match="does not fit"):
+        lora.load_adapter_state_dict(lora.add_motion_adapter(tiny()[1], rank=2), {"x.A_up": torch.zeros(1)}, MOTION)
+
+
+def test_scale_must_be_finite():
+    _, v = tiny()
+    lora.add_motion_adapter(v, rank=2)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            lora.set_scale(v, bad)
+
+
+# ----------------------------------------------------------------------------- DDPM
+
+
+def test_schedule():
+    d = Diffusion(CPU)
+    assert d.betas[0].item() == pytest.approx(1e-4) and d.betas[-1].item() == pytest.approx(0.02)
+    assert (d.alpha_bar[1:] < d.alpha_bar[:-1]).all()
+    x0 = torch.rand(4096, 3) * 2 - 1
+    eps = torch.randn_like(x0)
+    assert (d.q_sample(x0, torch.zeros(4096, dtype=torch.long), eps) - x0).abs().max() < 0.05
+    xT = d.q_sample(x0, torch.full((4096,), 999), eps)
+    assert abs(xT.mean().item()) < 0.03 and abs(xT.std().item() - 1) < 0.03
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cfg = train.Config(preset="quick", size=8, ch=8, text_dim=16, frames=4, max_frames=4, ema=0.0, ckpt_every=10 ** 6)
+    run = Run(cfg, str(tmp_path), CPU)
+    m, _ = tiny()
+    x, _ = data.image_batch([data.random_clip(np.random.default_rng(i)) for i in range(8)], 8, 4, 0)
+    tok = data.tokenize(["a red circle"] * 8)
+    fixed = lambda: run.diffusion.loss(m, x, tok, torch.Generator().manual_seed(0), drop_text=0)
+    before = fixed().item()
+    train.train_loop(run, "fit", m, list(m.parameters()), lambda rng, gen: run.diffusion.loss(m, x, tok, gen), 200, 3e-3)
+    assert fixed().item() < 0.5 * before
+
+
+def test_nan_loss_names_the_stage_and_step(tmp_path):
+    run = Run(train.Config(preset="quick"), str(tmp_path), CPU)
+    m, _ = tiny()
+    with pytest.raises(train.TrainingError, match="'boom'.*step 0"):
+        train.train_loop(run, "boom", m, list(m.parameters()), lambda rng, gen: m.conv_in.weight.sum() * float("nan"), 3, 1e-3)
+
+
+# ----------------------------------------------------------------------------- the synthetic world
+
+
+def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
+    clip = data.Clip("triangle", "blue", "up")
+    a, b = data.render_video(clip, 16, 8, 3), data.render_video(clip, 16, 8, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, data.render_video(clip, 16, 8, 4))
+    centres = np.array([data._centroid(a[:, f]) for f in range(8)])
+    velocity = (centres[-1] - centres[0]) / 7  # per frame; single steps jitter by the 1/4 px supersampling grid
+    assert np.allclose(velocity, [0, -data.speed(16)], atol=0.03)
+    frozen = data.freeze(torch.from_numpy(a)[None], np.random.default_rng(0))[0].numpy()
+    assert data.video_metrics(frozen, clip)["motion"] < 1e-6
+
+
+def test_tokenizer_rejects_unknown_words_with_the_vocabulary():
+    with pytest.raises(ValueError, match="unknown word 'purple'.*the vocabulary is: a red"):
+        data.tokenize(["a purple circle"])
+    assert data.tokenize([""]).sum() == 0  # the null prompt is all padding
+
+
+@pytest.mark.parametrize("concept", [None, "subject", "style"])
+def test_metrics_score_real_videos_ideal_and_corrupted_ones_worse(concept):
+    rng = np.random.default_rng(5)
+    clips = [data.random_clip(rng, concept) for _ in range(8)]
+    real = [data.render_video(c, 16, 8, i) for i, c in enumerate(clips)]
+    ideal = data.summarize([data.video_metrics(v, c) for v, c in zip(real, clips)])
+    assert ideal["direction_accuracy"] == 1 and ideal["prompt_fidelity"] == 1 and ideal["temporal_consistency"] == 1
+    assert ideal["artifacts"] == 0 and abs(ideal["motion"] - data.speed(16)) < 0.1
+    assert ideal["custom_fidelity"] == (None if concept is None else 1)
+    noisy = [np.clip(v + np.random.default_rng(i).uniform(0, 1, v.shape) * (np.random.default_rng(i + 9).random(v.shape) < 0.1), 0, 1)
+             for i, v in enumerate(real)]
+    worse = data.summarize([data.video_metrics(v, c) for v, c in zip(noisy, clips)])
+    assert worse["artifacts"] > 0.02
+    other = data.Clip("square", "green", "left") if concept != "style" else data.Clip("circle", "red", "left")
+    swapped = [data.render_video(other, 16, 8, i) for i in range(8)]  # the wrong thing, shown perfectly
+    swapped = data.summarize([data.video_metrics(v, c) for v, c in zip(swapped, clips)])
+    assert swapped["prompt_fidelity"] < 1 and (concept is None or swapped["custom_fidelity"] == 0)
+
+
+# ----------------------------------------------------------------------------- stages and the recipe
+
+
+def test_stage_reuse_and_config_mismatch(tmp_path):
+    calls = []
+    make = lambda: calls.append(1) or {"w": torch.ones(2)}
+    run = Run(QUICK, str(tmp_path), CPU)
+    assert torch.equal(run.stage("demo", make)["w"], torch.ones(2))
+    assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("demo", make)["w"], torch.ones(2)) and len(calls) == 1
+    other = Run(train.Config(**{**QUICK.__dict__, "ch": 24}), str(tmp_path), CPU)
+    with pytest.raises(train.ConfigMismatch, match="ch=16 .now 24."):
+        other.stage("demo", make)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("quick"))
+    results = stillmoving.main(QUICK, out, CPU)
+    run = Run(QUICK, out, CPU)
+    return run, results, stillmoving.recipe(run)
+
+
+def test_quick_run_writes_every_output(quick_run):
+    run, results, _ = quick_run
+    from PIL import Image
+    for name, frames in (("figure.gif", QUICK.frames), ("motion_scale.gif", QUICK.frames), ("figure.png", 1)):
+        with Image.open(os.path.join(run.dir, name)) as im:
+            assert getattr(im, "n_frames", 1) == frames
+    with open(os.path.join(run.dir, "results.json")) as f:
+        saved = json.load(f)
+    assert set(saved) >= {"preset", "device", "seed", "resolution", "frames", "stage_seconds", "total_seconds",
+                          "params", "rows", "claims"}
+    methods = {(r["method"], r["concept"], r["alpha"]) for r in saved["rows"]}
+    for concept in ("subject", "style"):
+        for method in ("real", "naive_injection", "still_moving", "no_motion_adapter", "no_prior_preservation"):
+            assert (method, concept, None) in methods
+    assert {a for m, _, a in methods if m == "motion_scale"} == {1.0, 0.5, 0.0, -0.5, -1.0}
+    assert all(r["n_videos"] == QUICK.eval_videos for r in saved["rows"])
+    assert {c["id"][:2] for c in saved["claims"]} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}
+    assert "HOLDS" in open(os.path.join(run.dir, "results.md")).read() or "FAILS" in open(os.path.join(run.dir, "results.md")).read()
+    sizes = {f: os.path.getsize(os.path.join(run.dir, "ckpt", f)) for f in os.listdir(os.path.join(run.dir, "ckpt"))}
+    assert sizes["motion_adapter.pt"] < sizes["t2v.pt"] / 5 and sizes["spatial_subject_still_moving.pt"] < sizes["t2v.pt"] / 5
+
+
+def test_motion_adapter_at_alpha_zero_is_exactly_v_after_training(quick_run):
+    run, _, parts = quick_run
+    run = Run(run.cfg, run.dir + "_motion", CPU)
+    trained = stillmoving.train_motion_adapter(run, parts["v"])
+    assert all(m.A_up.abs().max() > 0 for m in lora.adapters(trained, MOTION))
+    x, t, tok = inputs(frames=QUICK.frames, size=QUICK.size)
+    with torch.no_grad():
+        assert torch.equal(lora.set_scale(trained, 0.0)(x, t, tok), parts["v"](x, t, tok))
+        assert not torch.allclose(lora.set_scale(trained, 1.0)(x, t, tok), parts["v"](x, t, tok), atol=1e-5)
+
+
+def test_spatial_training_changes_only_the_spatial_adapters(quick_run):
+    run, _, parts = quick_run
+    run = Run(run.cfg, run.dir + "_spatial", CPU)
+    v, m1 = parts["v"], parts["m1s"]["subject"]
+    trained = stillmoving.train_spatial_adapters(run, v, m1, parts["motion"], parts["generated"]["subject"], "subject", "still_moving")
+    expected = stillmoving.inject(v, m1).state_dict()
+    state = trained.state_dict()
+    for k, t in state.items():
+        if is_adapter(k) and ".adapter." in k:
+            continue
+        ref = parts["motion"][k] if is_adapter(k) else expected[k.replace(".base.", ".")]
+        assert torch.equal(t, ref), k  # V's temporal weights, M1's injected weights, the motion adapter
+    assert all(m.A_up.abs().max() > 0 for m in lora.adapters(trained, SPATIAL))
+
+
+def test_customized_t2i_differs_from_m_while_v_temporal_is_unchanged(quick_run):
+    _, _, parts = quick_run
+    m, v, m1 = parts["m"], parts["v"], parts["m1s"]["style"]
+    naive = stillmoving.inject(v, m1)
+    changed = [k for k, t in t2i_state_dict(naive).items() if not torch.equal(t, m.state_dict()[k])]
+    assert "text.embed.weight" in changed and len(changed) > 10
+    assert all(torch.equal(t, v.state_dict()[k]) for k, t in naive.state_dict().items() if is_temporal(k))
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def cli_error(argv, capsys):
+    """Run the real command line in-process; return its one-line error message."""
+    with pytest.raises(SystemExit) as exit_:
+        stillmoving.cli(argv)
+    message = str(exit_.value.code) if not isinstance(exit_.value.code, int) else capsys.readouterr().err
+    assert exit_.value.code != 0 and message.strip()
+    return message
+
+
+def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
+    run_dir = quick_run[0].dir
+    sample = ["sample", "--run", run_dir, "--out", str(tmp_path / "c.gif"), "--prompt"]
+    assert "unknown word 'purple'" in cli_error(sample + ["a purple sks object"], capsys)
+    assert "vocabulary" in cli_error(sample + ["a purple sks object"], capsys)
+    assert "prompt is empty" in cli_error(sample + ["  "], capsys)
+    assert "finite" in cli_error(sample + ["a sks object moving left", "--motion-scale", "nan"], capsys)
+    assert "not a run folder" in cli_error(["sample", "--run", str(tmp_path), "--prompt", "a sks object"], capsys)
+    assert "invalid choice: 'huge'" in cli_error(["--preset", "huge"], capsys)
+    assert "unknown device 'tpu'" in cli_error(["--device", "tpu"], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in cli_error(["--device", "cuda"], capsys)
+    (tmp_path / "file").write_text("")
+    assert "cannot write the output folder" in cli_error(["--preset", "quick", "--out", str(tmp_path / "file" / "run")], capsys)
+    assert "max_frames=16" in cli_error(["--preset", "quick", "--out", str(tmp_path / "r"), "--set", "frames=40"], capsys)
+    assert "KEY=VALUE" in cli_error(["--preset", "quick", "--set", "colour=red"], capsys)
+
+
+def test_sample_command_writes_a_clip(quick_run, tmp_path):
+    out = tmp_path / "clip.gif"
+    stillmoving.cli(["sample", "--run", quick_run[0].dir, "--prompt", "a sks object moving left",
+                     "--motion-scale", "-1", "--out", str(out)])
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.n_frames == QUICK.frames
+
+
+def test_pickled_payload_and_truncated_checkpoints_are_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    evil = tmp_path / "evil.pt"
+    torch.save({"state": Payload()}, evil)
+    with pytest.raises(lora.CheckpointError, match="refused, it could run code.*re-make"):
+        lora.load_file(str(evil), "Run again to re-make it.")
+    good = tmp_path / "good.pt"
+    lora.save_file({"w": torch.randn(1000)}, str(good))
+    truncated = tmp_path / "t2v.pt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    run = Run(QUICK, str(tmp_path), CPU)
+    with pytest.raises(lora.CheckpointError, match="t2v.pt is truncated or corrupt.*stage 't2v'"):
+        run.load(str(truncated), "t2v")
+
+
+def test_killed_run_resumes_and_reuses_finished_stages(tmp_path):
+    out = str(tmp_path / "run")
+    argv = [sys.executable, os.path.join(HERE, "stillmoving.py"), "--preset", "quick", "--out", out, "--set", "t2v_steps=300"]
+    partial = os.path.join(out, "ckpt", "t2v.partial.pt")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    deadline = time.time() + 120
+    while not os.path.exists(partial) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(partial) and not os.path.exists(os.path.join(out, "ckpt", "t2v.pt"))
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[t2i] reused" in again.stderr + again.stdout
+    assert "[t2v] resuming at step" in again.stderr + again.stdout
+    assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(partial)
+
+
+def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
+    again = stillmoving.main(QUICK, str(tmp_path / "again"), CPU)
+    assert again["rows"] == quick_run[1]["rows"]
