@@ -14,7 +14,7 @@ matching it against this renderer's templates, so "fidelity" is a measured fact,
 
 Run `python -m pytest -q -k render` to check the renderer; there is no entry point here.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,9 +100,9 @@ def _inside(kind, dx, dy, r):
         return dx ** 2 + dy ** 2 <= r ** 2
     if kind == "square":
         return np.maximum(abs(dx), abs(dy)) <= 0.85 * r
-    if kind == "triangle":  # equilateral, pointing up, centroid at the centre, circumradius r
+    if kind == "triangle":  # equilateral, pointing up, centroid at the centre, circumradius 1.3 r (area ~ a circle's 70%)
         normals = [(0.0, 1.0), (-0.866, -0.5), (0.866, -0.5)]
-        return np.all([dx * nx + dy * ny <= r / 2 for nx, ny in normals], axis=0)
+        return np.all([dx * nx + dy * ny <= 0.65 * r for nx, ny in normals], axis=0)
     if kind == "subject":  # a five-pointed star, tip up
         phase = ((np.arctan2(dy, dx) + np.pi / 2) % (2 * np.pi / 5)) / (2 * np.pi / 5)
         edge = 0.55 * r + 0.6 * r * np.abs(2 * phase - 1)  # 1.15 r at the tips, 0.55 r between them
@@ -135,7 +135,7 @@ def render_video(clip, size, frames, seed):
 
     A pure function of its arguments: the seed picks only the start position."""
     rng = np.random.default_rng(seed)
-    (ux, uy), v, margin = DIRECTIONS[clip.direction], speed(size), 1.2 * radius(size)
+    (ux, uy), v, margin = DIRECTIONS[clip.direction], speed(size), 1.35 * radius(size)  # the triangle's tip reaches 1.3 r
     travel = v * (frames - 1)
     lo = np.array([margin + travel * (ux < 0), margin + travel * (uy < 0)])
     hi = np.array([size - margin - travel * (ux > 0), size - margin - travel * (uy > 0)])
@@ -169,6 +169,15 @@ def image_batch(clips, size, frames, seed):
     rng = np.random.default_rng(seed)
     videos, _ = video_batch(clips, size, frames, seed)
     return freeze(videos, rng)[:, :, 0], [c.image_prompt() for c in clips]
+
+
+def shift(images, rng, most=2):
+    """Translate (B, 3, H, W) stills by up to `most` px, padding with background: the few stills of a
+    concept then teach its look rather than its position."""
+    B, C, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (most,) * 4, value=-1.0)
+    dx, dy = rng.integers(0, 2 * most + 1, 2)
+    return padded[:, :, dy:dy + H, dx:dx + W]
 
 
 def concept_stills(concept, n, size, frames, seed):

@@ -310,7 +310,7 @@ def sample_command(args):
         raise ValueError(f"--motion-scale must be a finite number, got {args.motion_scale}")
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; try --prompt \"a sks object moving left\"")
-    clip_tokens = data.tokenize([args.prompt])  # unknown words fail here, listing the vocabulary
+    data.tokenize([args.prompt])  # unknown words fail here, listing the vocabulary
     concept = "subject" if data.SUBJECT_TOKEN in args.prompt.split() else "style" if data.STYLE_TOKEN in args.prompt.split() else None
     method = METHODS[args.method]
     if method != "base_t2v" and concept is None:

@@ -6,7 +6,6 @@ the synthetic world and its metrics, the recipe's invariants, and the failure mo
 import copy
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -403,3 +402,12 @@ def test_killed_run_resumes_and_reuses_finished_stages(tmp_path):
 def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
     again = stillmoving.main(QUICK, str(tmp_path / "again"), CPU)
     assert again["rows"] == quick_run[1]["rows"]
+
+
+def test_bench_reports_an_mfu_between_zero_and_one():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "bench", "--preset", "quick", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("MFU ") and 0 < float(last.split()[1]) < 1
+    assert "frames/s" in out.stdout and "peak memory" in out.stdout

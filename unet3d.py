@@ -201,13 +201,13 @@ class UNet(nn.Module):
         chans, last = [ch * m for m in mults], len(mults) - 1
         self.down, self.downsample, c = nn.ModuleList(), nn.ModuleList(), ch
         for i, cout in enumerate(chans):
-            self.down.append(Block(c, cout, temb, text_dim, attention=i == last))
+            self.down.append(Block(c, cout, temb, text_dim, attention=i > 0))  # attention below full resolution
             self.downsample.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1) if i < last else nn.Identity())
             c = cout
         self.mid = Block(c, c, temb, text_dim, attention=True)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, cout in reversed(list(enumerate(chans))):
-            self.up.append(Block(c + cout, cout, temb, text_dim, attention=i == last))
+            self.up.append(Block(c + cout, cout, temb, text_dim, attention=i > 0))
             self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cout, cout, 3, padding=1))
                                  if i > 0 else nn.Identity())
             c = cout
