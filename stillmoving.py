@@ -320,12 +320,12 @@ def sample_command(args):
     if preset is None:
         raise ValueError(f"{args.run} has no finished t2i stage; make it with `python stillmoving.py --out {args.run}`")
     cfg = PRESETS[preset["preset"]]
-    cfg = replace(cfg, **{f.name: type(getattr(cfg, f.name))(preset[f.name]) for f in fields(cfg)})
+    cfg = replace(cfg, **{k: type(getattr(cfg, k))(value) for k, value in preset.items()})
     run = Run(cfg, args.run, device)
     needed = ["t2i", "t2v", "custom_subject", "custom_style", "motion_adapter"] + (
         [f"spatial_{concept}_still_moving"] if method == "still_moving" else [])
     for stage in needed:
-        if not run.has(stage):
+        if not os.path.exists(run.path(stage)):
             raise ValueError(f"{args.run} lacks stage {stage!r}; finish it with `python stillmoving.py --preset "
                              f"{cfg.preset} --out {args.run}`")
     m, v, m1s = base_models(run)

@@ -216,9 +216,19 @@ def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
     assert np.array_equal(a, b) and not np.array_equal(a, data.render_video(clip, 16, 8, 4))
     centres = np.array([data._centroid(a[:, f]) for f in range(8)])
     velocity = (centres[-1] - centres[0]) / 7  # per frame; single steps jitter by the 1/4 px supersampling grid
-    assert np.allclose(velocity, [0, -data.speed(16)], atol=0.03)
+    assert np.allclose(velocity, [0, -data.speed(16, 8)], atol=0.03)
     frozen = data.freeze(torch.from_numpy(a)[None], np.random.default_rng(0))[0].numpy()
     assert data.video_metrics(frozen, clip)["motion"] < 1e-6
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_renders_videos_that_stay_in_the_frame(preset):
+    cfg = PRESETS[preset]
+    for seed, direction in enumerate(data.DIRECTIONS):
+        video = data.render_video(data.Clip("subject", "subject", direction), cfg.size, cfg.frames, seed)
+        assert video.shape == (3, cfg.frames, cfg.size, cfg.size)
+        visible = video.max(0).sum((1, 2))  # the whole star in every frame: nothing cut off at the border
+        assert np.allclose(visible, visible[0], rtol=0.06)  # anti-aliasing alone moves it by up to 4%
 
 
 def test_tokenizer_rejects_unknown_words_with_the_vocabulary():
@@ -234,7 +244,7 @@ def test_metrics_score_real_videos_ideal_and_corrupted_ones_worse(concept):
     real = [data.render_video(c, 16, 8, i) for i, c in enumerate(clips)]
     ideal = data.summarize([data.video_metrics(v, c) for v, c in zip(real, clips)])
     assert ideal["direction_accuracy"] == 1 and ideal["prompt_fidelity"] == 1 and ideal["temporal_consistency"] == 1
-    assert ideal["artifacts"] == 0 and abs(ideal["motion"] - data.speed(16)) < 0.1
+    assert ideal["artifacts"] == 0 and abs(ideal["motion"] - data.speed(16, 8)) < 0.1
     assert ideal["custom_fidelity"] == (None if concept is None else 1)
     noisy = [np.clip(v + np.random.default_rng(i).uniform(0, 1, v.shape) * (np.random.default_rng(i + 9).random(v.shape) < 0.1), 0, 1)
              for i, v in enumerate(real)]
@@ -323,6 +333,15 @@ def test_customized_t2i_differs_from_m_while_v_temporal_is_unchanged(quick_run):
     changed = [k for k, t in t2i_state_dict(naive).items() if not torch.equal(t, m.state_dict()[k])]
     assert "text.embed.weight" in changed and len(changed) > 10
     assert all(torch.equal(t, v.state_dict()[k]) for k, t in naive.state_dict().items() if is_temporal(k))
+
+
+def test_lora_customization_merges_into_a_plain_t2i_model(quick_run, tmp_path):
+    m = quick_run[2]["m"]
+    run = Run(train.Config(**{**QUICK.__dict__, "custom_mode": "lora"}), str(tmp_path), CPU)
+    m1 = train.customize(run, m, "subject")
+    assert set(m1.state_dict()) == set(m.state_dict()) and not lora.adapters(m1)
+    changed = [k for k, t in m1.state_dict().items() if not torch.equal(t, m.state_dict()[k])]
+    assert "text.embed.weight" in changed and any(".to_q.weight" in k for k in changed)
 
 
 # ----------------------------------------------------------------------------- reliability

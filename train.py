@@ -76,8 +76,9 @@ PRESETS = {
 
 def validate(cfg):
     """Refuse a config that could only fail later, deep inside a stage."""
-    if cfg.frames > cfg.max_frames:
-        raise ValueError(f"frames={cfg.frames} is more than the frame-position code supports (max_frames={cfg.max_frames})")
+    if not 2 <= cfg.frames <= cfg.max_frames:
+        raise ValueError(f"frames={cfg.frames}: a video needs at least 2 frames and at most the frame-position code's "
+                         f"max_frames={cfg.max_frames}")
     if not 8 <= cfg.size <= 128 or cfg.size % 2 ** (len(cfg.mults) - 1):
         raise ValueError(f"size={cfg.size} must be 8..128 px and divisible by {2 ** (len(cfg.mults) - 1)}")
     if cfg.prediction not in ("eps", "v"):
@@ -112,10 +113,9 @@ class Diffusion:
     """Linear beta schedule 1e-4 -> 0.02 over T = 1000 steps (Ho et al. 2020, Sec. 4), precomputed in
     float64 and stored in float32.
 
-    The UNet predicts either the noise eps (Ho et al.) or v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans &
-    Ho 2022, Sec. 4). They differ where the text matters most: at high noise an eps-model's guess of
-    x_0 enters its loss scaled by the SNR (~0.01), so a video model learns to ignore the direction word;
-    a v-model predicts ~x_0 there at full weight (see the README's notes)."""
+    The UNet predicts the noise eps (Ho et al.) or v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022).
+    At high noise an eps-model's estimate of x_0 enters its loss scaled by the SNR (~0.01); a v-model
+    predicts ~ -x_0 there at full weight. Here v made V's videos coherent where eps flickered (README)."""
 
     def __init__(self, device, prediction="v", T=1000, beta_1=1e-4, beta_T=0.02):
         self.T, self.prediction = T, prediction
@@ -271,7 +271,9 @@ class Run:
         return os.path.join(self.dir, "ckpt", f"{stage}.pt")
 
     def signature(self):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()}
+        """The config a checkpoint depends on: everything but the evaluation size and checkpoint interval."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()
+                if k not in ("eval_videos", "ckpt_every")}
 
     def log(self, message):
         tqdm.write(message)
@@ -303,9 +305,6 @@ class Run:
             os.remove(self.path(f"{name}.partial"))
         return state
 
-    def has(self, name):
-        return os.path.exists(self.path(name))
-
 
 # ----------------------------------------------------------------------------- the base models
 
@@ -334,10 +333,8 @@ def base_models(run):
     v.load_state_dict(m.state_dict(), strict=False)  # V's T2I part is M, frozen from here on
 
     def train_v():  # V: only the temporal layers, on moving videos (AnimateDiff)
-        params = [p for n, p in v.named_parameters() if is_temporal(n)]
         v.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+        params = [p.requires_grad_() for n, p in v.named_parameters() if is_temporal(n)]
 
         def loss(rng, gen):
             x, prompts = data.video_batch([data.random_clip(rng) for _ in range(cfg.video_batch)],
@@ -421,16 +418,15 @@ def bench(cfg, device, steps=10):
     flops = counter.get_total_flops()
 
     def timed(fn, repeats, warmup):
-        for _ in range(warmup):
-            fn()
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
+        for i in range(warmup + repeats):
+            if i == warmup:  # the clock starts after the warm-up calls
+                sync()
+                start = time.perf_counter()
             fn()
         sync()
         return (time.perf_counter() - start) / repeats
     seconds = timed(train_step, steps, warmup=3)
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     peak = 2 * n ** 3 / timed(lambda: a @ b, 10, warmup=2)
     videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0, batch=cfg.video_batch), 1, 0)
