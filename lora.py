@@ -173,6 +173,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class ConfigMismatch(ValueError):
+    pass
+
+
 def save_file(obj, path):
     """Write atomically: a temporary file, fsync, then os.replace. A kill never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

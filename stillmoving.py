@@ -30,7 +30,7 @@ import torch
 import data
 import lora
 from lora import MOTION, SPATIAL
-from train import PRESETS, ConfigMismatch, Run, TrainingError, base_models, generate, pick_device, train_loop
+from train import PRESETS, Run, TrainingError, base_models, generate, pick_device, train_loop
 from unet3d import t2i_state_dict
 
 CONCEPTS = ("subject", "style")
@@ -267,7 +267,7 @@ def count(state):
 def main(cfg, out, device):
     start = time.time()
     run = Run(cfg, out, device)
-    run.log(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, device {device}, output {out}")
+    print(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, device {device}, output {out}")
     parts = recipe(run)
     eval_start = time.time()
     rows, shown = evaluate(run, parts)
@@ -382,7 +382,7 @@ def cli(argv):
         if args.fresh and os.path.isdir(out):
             shutil.rmtree(out)
         main(cfg, out, device)
-    except (ValueError, lora.CheckpointError, TrainingError, ConfigMismatch) as e:
+    except (ValueError, lora.CheckpointError, TrainingError) as e:  # ConfigMismatch is a ValueError
         sys.exit(f"error: {e}")
 
 

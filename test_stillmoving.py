@@ -266,7 +266,7 @@ def test_stage_reuse_and_config_mismatch(tmp_path):
     assert torch.equal(run.stage("demo", make)["w"], torch.ones(2))
     assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("demo", make)["w"], torch.ones(2)) and len(calls) == 1
     other = Run(train.Config(**{**QUICK.__dict__, "ch": 24}), str(tmp_path), CPU)
-    with pytest.raises(train.ConfigMismatch, match="ch=16 .now 24."):
+    with pytest.raises(lora.ConfigMismatch, match="ch=16 .now 24."):
         other.stage("demo", make)
 
 

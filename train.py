@@ -214,18 +214,19 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         state = run.load(partial, stage)
         with torch.no_grad():
             for p, saved, e, saved_e in zip(params, state["params"], ema, state["ema"]):
-                p.copy_(saved), e.copy_(saved_e)
+                p.copy_(saved)
+                e.copy_(saved_e)
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        print(f"[{stage}] resuming at step {start} from {partial}")
+        tqdm.write(f"[{stage}] resuming at step {start} from {partial}")
     model.train()
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, leave=False)
     for step in bar:
         rng, gen = step_randomness(cfg.seed, stage, step, device)
         loss = loss_fn(rng, gen)
         if not torch.isfinite(loss):
-            raise TrainingError(f"stage {stage!r}: the loss became {loss.item()} at step {step}; "
-                                f"the last good checkpoint is kept at {partial}")
+            kept = f"the last good checkpoint is kept at {partial}" if os.path.exists(partial) else "no checkpoint was written yet"
+            raise TrainingError(f"stage {stage!r}: the loss became {loss.item()} at step {step}; {kept}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,20 +239,15 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             lora.save_file({"config": run.signature(), "step": step + 1, "opt": opt.state_dict(),
                             "params": [p.detach().cpu() for p in params], "ema": [e.cpu() for e in ema]}, partial)
-    bar.close()
     if cfg.ema > 0:
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
-    run.log(f"[{stage}] {steps} steps, final loss {loss.item():.4f}" if steps > start else f"[{stage}] done")
+    tqdm.write(f"[{stage}] {steps} steps, final loss {loss.item():.4f}" if steps > start else f"[{stage}] done")
     return model
 
 
 # ----------------------------------------------------------------------------- a run folder of stages
-
-
-class ConfigMismatch(ValueError):
-    pass
 
 
 class Run:
@@ -275,9 +271,6 @@ class Run:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()
                 if k not in ("eval_videos", "ckpt_every")}
 
-    def log(self, message):
-        tqdm.write(message)
-
     def load(self, path, stage):
         """Load a checkpoint, refusing one made with another config."""
         state = lora.load_file(path, f"Delete it and re-run `python stillmoving.py --preset {self.cfg.preset} "
@@ -285,7 +278,7 @@ class Run:
         theirs, ours = state.get("config", {}), self.signature()
         diff = [f"{k}={theirs.get(k)!r} (now {ours[k]!r})" for k in ours if theirs.get(k) != ours[k]]
         if diff:
-            raise ConfigMismatch(f"{path} was made with another config: {', '.join(diff[:4])}. "
+            raise lora.ConfigMismatch(f"{path} was made with another config: {', '.join(diff[:4])}. "
                                  "Use --fresh to start this folder over, or another --out.")
         return state
 
@@ -295,7 +288,7 @@ class Run:
         if os.path.exists(path):
             state = self.load(path, name)
             self.seconds[name] = state["seconds"]
-            self.log(f"[{name}] reused {path}")
+            tqdm.write(f"[{name}] reused {path}")
             return state["state"]
         start = time.time()
         state = make()
