@@ -131,17 +131,21 @@ def render(clip, cx, cy, size, supersample=4):
     return image.reshape(3, size, supersample, size, supersample).mean((2, 4)).astype(np.float32)
 
 
-def render_video(clip, size, frames, seed):
-    """A (3, F, size, size) video in [0, 1]: the clip moving at constant speed, inside the frame.
-
-    A pure function of its arguments: the seed picks only the start position."""
+def trajectory(clip, size, frames, seed):
+    """The clip's F centre positions (x, y): constant speed, inside the frame. The seed picks the start."""
     rng = np.random.default_rng(seed)
     (ux, uy), v, margin = DIRECTIONS[clip.direction], speed(size, frames), 1.35 * radius(size)  # the triangle's tip reaches 1.3 r
     travel = v * (frames - 1)
     lo = np.array([margin + travel * (ux < 0), margin + travel * (uy < 0)])
     hi = np.array([size - margin - travel * (ux > 0), size - margin - travel * (uy > 0)])
     x0, y0 = rng.uniform(lo, hi)
-    return np.stack([render(clip, x0 + ux * v * f, y0 + uy * v * f, size) for f in range(frames)], axis=1)
+    return [(x0 + ux * v * f, y0 + uy * v * f) for f in range(frames)]
+
+
+def render_video(clip, size, frames, seed):
+    """A (3, F, size, size) video in [0, 1]: the clip moving along its trajectory. A pure function of
+    its arguments."""
+    return np.stack([render(clip, x, y, size) for x, y in trajectory(clip, size, frames, seed)], axis=1)
 
 
 # ----------------------------------------------------------------------------- batches (model space is [-1, 1])
@@ -166,10 +170,19 @@ def freeze(videos, rng):
 
 
 def image_batch(clips, size, frames, seed):
-    """(B, 3, H, W) still images in [-1, 1]: a random frame of each clip's video, with image captions."""
-    rng = np.random.default_rng(seed)
-    videos, _ = video_batch(clips, size, frames, seed)
-    return freeze(videos, rng)[:, :, 0], [c.image_prompt() for c in clips]
+    """(B, 3, H, W) still images in [-1, 1]: a random frame of each clip's video (the frame that
+    `freeze` would pick; only that one is rendered), with image captions."""
+    picks = np.random.default_rng(seed).integers(0, frames, size=len(clips))
+    images = [render(c, *trajectory(c, size, frames, [seed, i])[f], size) for i, (c, f) in enumerate(zip(clips, picks))]
+    return to_model(np.stack(images)), [c.image_prompt() for c in clips]
+
+
+def random_batch(rng, n, size, frames, video, device="cpu"):
+    """n random ordinary clips as training data, with their captions tokenized: (B, 3, F, H, W) moving
+    videos ("a red circle moving left"), or one frame of each, (B, 3, H, W) ("a red circle")."""
+    make = video_batch if video else image_batch
+    x, prompts = make([random_clip(rng) for _ in range(n)], size, frames, int(rng.integers(2 ** 31)))
+    return x.to(device), tokenize(prompts).to(device)
 
 
 def shift(images, rng, most=2):
@@ -206,15 +219,15 @@ def classify(frame):
 
     Every base shape x colour x {filled, outline}, and the subject, is rendered at the foreground
     centroid; the one with the least squared error wins. Stray pixels are foreground pixels more than
-    one pixel away from the winner's shape: the artifacts. Returns (Clip or None, stray share)."""
+    one pixel away from the winner's shape: the artifacts. Returns (Clip or None, stray share, centre)."""
     centre = _centroid(frame)
     if centre is None:
-        return None, 0.0
+        return None, 0.0, None
     renders = np.stack([render(t, *centre, frame.shape[-1]) for t in _TEMPLATES])
     best = int(((renders - frame[None]) ** 2).sum((1, 2, 3)).argmin())
     near = torch.nn.functional.max_pool2d(torch.from_numpy(renders[best].max(0) > 0.05)[None].float(), 3, 1, 1)[0]
     stray = (frame.max(0) > FG_THRESHOLD) & (near.numpy() == 0)
-    return _TEMPLATES[best], float(stray.sum() / max(1, (near.numpy() == 0).sum()))
+    return _TEMPLATES[best], float(stray.sum() / max(1, (near.numpy() == 0).sum())), centre
 
 
 def video_metrics(video, clip):
@@ -230,8 +243,7 @@ def video_metrics(video, clip):
     - temporal_consistency: share of consecutive frame pairs whose best template is the same.
     - artifacts: mean share of background pixels that are foreground-bright (stray pixels)."""
     frames = [video[:, f] for f in range(video.shape[1])]
-    labels, stray = zip(*(classify(f) for f in frames))
-    centres = [_centroid(f) for f in frames]
+    labels, stray, centres = zip(*(classify(f) for f in frames))
     known = [c for c in centres if c is not None]
     steps = [np.linalg.norm(b - a) for a, b in zip(centres, centres[1:]) if a is not None and b is not None]
     net = known[-1] - known[0] if len(known) >= 2 else np.zeros(2)
@@ -256,7 +268,7 @@ def video_metrics(video, clip):
 
 def image_fidelity(image, concept):
     """1.0 if a (3, H, W) image in [0, 1] is best matched by the concept's templates, else 0.0."""
-    label, _ = classify(image)
+    label, _, _ = classify(image)
     return float(label is not None and (label.kind == "subject" if concept == "subject" else label.outline))
 
 

@@ -11,6 +11,7 @@
 Helpers follow loralib: add, remove, set the scale, mark only adapters trainable, adapter-only state
 dicts. Files are written atomically and read with `torch.load(..., weights_only=True)`.
 """
+import math
 import os
 import pickle
 import zipfile
@@ -22,7 +23,8 @@ import torch.nn as nn
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a low-rank residual: x W~ = x W + alpha * (x A_down) A_up (Eq. 1)."""
+    """An nn.Linear plus a low-rank residual: x W~ = x W + alpha * (x A_down) A_up (Eq. 1). The base layer
+    is frozen by `mark_only_adapters_trainable`, not here."""
 
     def __init__(self, base, rank, kind):
         super().__init__()
@@ -93,7 +95,7 @@ def adapters(model, kind=None):
 def set_scale(model, alpha, kind=MOTION):
     """Set alpha on every adapter of this kind. Negative values are allowed (more motion, Sec. 3.2)."""
     alpha = float(alpha)
-    if alpha != alpha or alpha in (float("inf"), float("-inf")):
+    if not math.isfinite(alpha):
         raise ValueError(f"the adapter scale must be a finite number, got {alpha}")
     for m in adapters(model, kind):
         if m.merged:
@@ -150,8 +152,9 @@ def _parent(model, name):
 
 
 def adapter_state_dict(model, kind):
-    """Only this kind's adapter tensors: a file of a few kilobytes, not the whole model."""
-    names = {name for name, m in model.named_modules() if m in adapters(model, kind)}
+    """Only this kind's adapter tensors: a file of kilobytes, not the megabytes of the whole model."""
+    chosen = {id(m) for m in adapters(model, kind)}
+    names = {name for name, m in model.named_modules() if id(m) in chosen}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.rpartition(".")[0] in names}
 
 

@@ -47,10 +47,9 @@ def train_motion_adapter(run, v):
     lora.set_scale(model, 1.0)
 
     def loss(rng, gen):
-        videos, prompts = data.video_batch([data.random_clip(rng) for _ in range(cfg.video_batch)],
-                                           cfg.size, cfg.frames, int(rng.integers(2 ** 31)))
+        videos, tokens = data.random_batch(rng, cfg.video_batch, cfg.size, cfg.frames, True, dev)
         frozen = data.freeze(videos, rng)  # one random frame of each training video, repeated F times
-        return run.diffusion.loss(model, frozen.to(dev), data.tokenize(prompts).to(dev), gen)
+        return run.diffusion.loss(model, frozen, tokens, gen)
     return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.adapter_lr)
 
 
@@ -328,9 +327,10 @@ def sample_command(args):
         if not os.path.exists(run.path(stage)):
             raise ValueError(f"{args.run} lacks stage {stage!r}; finish it with `python stillmoving.py --preset "
                              f"{cfg.preset} --out {args.run}`")
+    saved = lambda stage: run.load(run.path(stage), stage)["state"]
     m, v, m1s = base_models(run)
-    parts = dict(v=v, m1s=m1s, motion=run.stage("motion_adapter", None),
-                 spatial={(concept, "still_moving"): run.stage(f"spatial_{concept}_still_moving", None)} if concept else {})
+    parts = dict(v=v, m1s=m1s, motion=saved("motion_adapter"),
+                 spatial={(concept, "still_moving"): saved(f"spatial_{concept}_still_moving")} if concept else {})
     model = build(parts, method, concept, alpha=args.motion_scale)
     video = generate(model, run.diffusion, [args.prompt], cfg, args.seed)
     data.save_gif(args.out, ((video[None] + 1) / 2).clamp(0, 1).numpy())

@@ -73,7 +73,6 @@ PRESETS = {
 }
 
 
-
 def validate(cfg):
     """Refuse a config that could only fail later, deep inside a stage."""
     if not 2 <= cfg.frames <= cfg.max_frames:
@@ -126,14 +125,18 @@ class Diffusion:
         self.sqrt_ab = alpha_bar.sqrt().float().to(device)               # \sqrt{\bar\alpha_t}
         self.sqrt_1m_ab = (1 - alpha_bar).sqrt().float().to(device)      # \sqrt{1 - \bar\alpha_t}
 
+    @staticmethod
+    def at(schedule, t, x):
+        """schedule[t], one value per batch item, shaped to broadcast over x."""
+        return schedule[t].view((-1,) + (1,) * (x.dim() - 1))
+
     def q_sample(self, x0, t, eps):
         """x_t ~ q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)  (Ho et al. Eq. 4)."""
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        return self.sqrt_ab[t].view(shape) * x0 + self.sqrt_1m_ab[t].view(shape) * eps
+        return self.at(self.sqrt_ab, t, x0) * x0 + self.at(self.sqrt_1m_ab, t, x0) * eps
 
     def loss(self, model, x0, tokens, gen, drop_text=0.1):
-        """|| eps - eps_theta(x_t, t, c) ||^2 (Alg. 1 line 5). The text is dropped 10% of the time so the
-        same model also learns the unconditional eps used by classifier-free guidance."""
+        """Alg. 1: || eps - eps_theta(x_t, t, c) ||^2, or || v - v_theta ||^2 for a v-model. The text is
+        dropped 10% of the time so the same model also learns the unconditional prediction for guidance."""
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device, generator=gen)       # Alg. 1 line 3
         eps = torch.randn(x0.shape, device=x0.device, generator=gen)              # Alg. 1 line 4
@@ -143,8 +146,7 @@ class Diffusion:
             pred = model(self.q_sample(x0, t, eps), t, tokens)
         if self.prediction == "eps":
             return F.mse_loss(pred.float(), eps)                                  # Alg. 1 line 5
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        v = self.sqrt_ab[t].view(shape) * eps - self.sqrt_1m_ab[t].view(shape) * x0  # the v target
+        v = self.at(self.sqrt_ab, t, x0) * eps - self.at(self.sqrt_1m_ab, t, x0) * x0  # the v target
         return F.mse_loss(pred.float(), v)
 
     def eps(self, model, x, t, tokens, guidance):
@@ -315,9 +317,7 @@ def base_models(run):
 
     def train_m():  # M: every weight, on single frames with image captions
         def loss(rng, gen):
-            x, prompts = data.image_batch([data.random_clip(rng) for _ in range(cfg.image_batch)],
-                                          cfg.size, cfg.frames, int(rng.integers(2 ** 31)))
-            return diffusion.loss(m, x.to(dev), data.tokenize(prompts).to(dev), gen)
+            return diffusion.loss(m, *data.random_batch(rng, cfg.image_batch, cfg.size, cfg.frames, False, dev), gen)
         train_loop(run, "t2i", m, list(m.parameters()), loss, cfg.t2i_steps, cfg.lr)
         save_samples(run, "t2i", m, [f"a {c} {s}" for c in data.COLORS for s in data.SHAPES], video=False)
         return m.state_dict()
@@ -330,9 +330,7 @@ def base_models(run):
         params = [p.requires_grad_() for n, p in v.named_parameters() if is_temporal(n)]
 
         def loss(rng, gen):
-            x, prompts = data.video_batch([data.random_clip(rng) for _ in range(cfg.video_batch)],
-                                          cfg.size, cfg.frames, int(rng.integers(2 ** 31)))
-            return diffusion.loss(v, x.to(dev), data.tokenize(prompts).to(dev), gen)
+            return diffusion.loss(v, *data.random_batch(rng, cfg.video_batch, cfg.size, cfg.frames, True, dev), gen)
         train_loop(run, "t2v", v, params, loss, cfg.t2v_steps, cfg.lr)
         save_samples(run, "t2v", v, [f"a red circle moving {d}" for d in data.DIRECTIONS], video=True)
         return {k: t for k, t in v.state_dict().items() if is_temporal(k)}

@@ -137,7 +137,6 @@ class TemporalModule(nn.Module):
 
     def __init__(self, ch, text_dim, max_frames):
         super().__init__()
-        self.max_frames = max_frames
         self.norm, self.proj_in = nn.GroupNorm(groups(ch), ch), nn.Linear(ch, ch)
         self.register_buffer("pos", sinusoidal(torch.arange(max_frames), ch), persistent=False)
         self.ln1, self.attn1 = nn.LayerNorm(ch), Attention(ch)
@@ -187,7 +186,8 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """The epsilon-prediction UNet. It is M (images) until `inflate` gives it temporal modules (V)."""
+    """The denoising UNet (it predicts eps or v: train.Diffusion). It is M (images) until `inflate` gives it
+    temporal modules (V)."""
 
     def __init__(self, vocab_size, size, max_words, ch=32, mults=(1, 2), text_dim=64, max_frames=16):
         super().__init__()
