@@ -188,6 +188,17 @@ def test_schedule():
     assert abs(xT.mean().item()) < 0.03 and abs(xT.std().item() - 1) < 0.03
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_an_exact_prediction_gives_back_the_true_noise(prediction):
+    d = Diffusion(CPU, prediction)
+    x0, eps = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    t = 700
+    xt = d.q_sample(x0, torch.full((2,), t), eps)
+    a, s = d.sqrt_ab[t], d.sqrt_1m_ab[t]
+    exact = lambda x, tt, tok: (eps if prediction == "eps" else a * eps - s * x0).repeat(2, 1, 1, 1)  # cond and uncond halves
+    assert torch.allclose(d.eps(exact, xt, t, data.tokenize(["a red circle"] * 2), guidance=3.0), eps, atol=1e-5)
+
+
 def test_training_lowers_the_loss(tmp_path):
     cfg = train.Config(preset="quick", size=8, ch=8, text_dim=16, frames=4, max_frames=4, ema=0.0, ckpt_every=10 ** 6)
     run = Run(cfg, str(tmp_path), CPU)
