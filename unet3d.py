@@ -36,8 +36,9 @@ def groups(channels):
 class Attention(nn.Module):
     """Multi-head attention with separate Q, K, V projections (so adapters can wrap each one).
 
-    x is (N, T, C). context (M, S, D) may have fewer rows than x when several sequences share one
-    context (the frames of a video, or its pixels): its K and V are computed once and repeated."""
+    x is (N, T, C); context is (M, S, D), with M dividing N. The N // M consecutive sequences of x that
+    share one context (the frames of a video, or its pixels) are attended as one sequence of N // M * T
+    queries: each query attends on its own, so this is the same, without copying K and V N // M times."""
 
     def __init__(self, dim, context_dim=None, heads=4):
         super().__init__()
@@ -50,10 +51,8 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         N, T, C = x.shape
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        if context.shape[0] != N:  # one context per video, shared by its N / M sequences
-            k, v = (z.repeat_interleave(N // context.shape[0], dim=0) for z in (k, v))
-        q, k, v = (z.view(N, -1, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))  # (N, h, T, C/h)
+        q, k, v = self.to_q(x).view(len(context), -1, C), self.to_k(context), self.to_v(context)
+        q, k, v = (z.view(len(context), -1, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))  # (M, h, ., C/h)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(N, T, C))
 
