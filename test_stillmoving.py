@@ -21,7 +21,7 @@ import stillmoving
 import train
 from lora import MOTION, SPATIAL
 from train import PRESETS, Diffusion, Run
-from unet3d import UNet, inflate, is_adapter, is_temporal, t2i_state_dict
+from unet3d import Attention, UNet, inflate, is_adapter, is_temporal, t2i_state_dict
 
 CPU = torch.device("cpu")
 QUICK = PRESETS["quick"]
@@ -75,6 +75,14 @@ def test_frozen_video_gives_identical_frames_through_the_spatial_path():
     out = m(frozen, t, tok)
     assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-6)
     assert not torch.allclose(m(x, t, tok)[:, :, 0], m(x, t, tok)[:, :, 1], atol=1e-3)
+
+
+def test_sequences_sharing_a_context_attend_as_if_each_had_its_own_copy():
+    torch.manual_seed(0)
+    attn = Attention(16, context_dim=8)
+    x, context = torch.randn(6, 5, 16), torch.randn(2, 3, 8)  # 2 videos, 3 sequences each
+    one_by_one = torch.cat([attn(x[i:i + 1], context[i // 3:i // 3 + 1]) for i in range(6)])
+    assert torch.allclose(attn(x, context), one_by_one, atol=1e-6)
 
 
 def test_shape_errors_are_clear():
@@ -197,6 +205,19 @@ def test_an_exact_prediction_gives_back_the_true_noise(prediction):
     a, s = d.sqrt_ab[t], d.sqrt_1m_ab[t]
     exact = lambda x, tt, tok: (eps if prediction == "eps" else a * eps - s * x0).repeat(2, 1, 1, 1)  # cond and uncond halves
     assert torch.allclose(d.eps(exact, xt, t, data.tokenize(["a red circle"] * 2), guidance=3.0), eps, atol=1e-5)
+
+
+def test_the_cuda_bf16_autocast_path_runs_on_cpu(monkeypatch):
+    """CI has no GPU: run the loss and the guided sampler under the bf16 autocast that CUDA gets."""
+    monkeypatch.setattr(train, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    _, v = tiny()
+    d, (x, t, tokens) = Diffusion(CPU), inputs()
+    loss = d.loss(v, x.clamp(-1, 1), tokens, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad.dtype == torch.float32 for p in v.parameters() if p.grad is not None)
+    videos = d.sample(v, x.shape, tokens, steps=3, guidance=3.0, gen=torch.Generator().manual_seed(0))
+    assert videos.dtype == torch.float32 and torch.isfinite(videos).all()
 
 
 def test_training_lowers_the_loss(tmp_path):
