@@ -51,7 +51,7 @@ class Attention(nn.Module):
     def forward(self, x, context=None):
         N, T, C = x.shape
         context = x if context is None else context
-        q, k, v = self.to_q(x).view(len(context), -1, C), self.to_k(context), self.to_v(context)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (z.view(len(context), -1, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))  # (M, h, ., C/h)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(N, T, C))
