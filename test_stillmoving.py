@@ -79,8 +79,7 @@ def test_frozen_video_gives_identical_frames_through_the_spatial_path():
 
 
 def test_sequences_sharing_a_context_attend_as_if_each_had_its_own_copy():
-    attn = Attention(16, context_dim=8)
-    x, context = torch.randn(6, 5, 16), torch.randn(2, 3, 8)  # 2 videos, 3 sequences each
+    attn, x, context = Attention(16, context_dim=8), torch.randn(6, 5, 16), torch.randn(2, 3, 8)  # 3 sequences a context
     one_by_one = torch.cat([attn(x[i:i + 1], context[i // 3:i // 3 + 1]) for i in range(6)])
     assert torch.allclose(attn(x, context), one_by_one, atol=1e-6)
 
