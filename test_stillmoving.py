@@ -382,7 +382,7 @@ def cli_error(argv, capsys):
 def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
     run_dir = quick_run[0].dir
     sample = ["sample", "--run", run_dir, "--out", str(tmp_path / "c.gif"), "--prompt"]
-    assert "unknown word 'purple'" in cli_error(sample + ["a purple sks object"], capsys)  # the vocabulary: a data test
+    assert "unknown word 'purple'" in (message := cli_error(sample + ["a purple sks object"], capsys)) and "vocabulary" in message
     assert "prompt is empty" in cli_error(sample + ["  "], capsys)
     assert "finite" in cli_error(sample + ["a sks object moving left", "--motion-scale", "nan"], capsys)
     assert "not a run folder" in cli_error(["sample", "--run", str(tmp_path), "--prompt", "a sks object"], capsys)
