@@ -202,6 +202,38 @@ def test_an_exact_prediction_gives_back_the_true_noise(prediction):
     assert torch.allclose(d.eps(exact, xt, t, data.tokenize(["a red circle"] * 2), guidance=3.0), eps, atol=1e-5)
 
 
+def test_ddim_recomputes_eps_from_the_clamped_x0():
+    """Each DDIM step must be x_{t-1} = sqrt(ab_prev) x0_c + sqrt(1 - ab_prev) eps_c, where x0_c is the
+    clamped x_0 estimate and eps_c = (x_t - sqrt(ab) x0_c) / sqrt(1 - ab) the noise it implies. Keeping
+    the unclamped eps sends what the clamp cut off back into x_{t-1} (the bug of issue 12)."""
+    d, seen = Diffusion(CPU, "eps"), []
+
+    def model(x, t, tokens):  # the guided x_0 estimate of this fake leaves [-1, 1] at every step
+        seen.append(x[: len(x) // 2].clone())  # the x_t it was called with (the conditional half)
+        return 0.3 * x + 0.5 * (tokens.sum(1) > 0).float().view(-1, 1, 1, 1, 1)
+    tokens = data.tokenize(["a red circle moving left"] * 2)
+    steps, guidance = 4, 3.0
+    final = d.sample(model, (2, 3, 2, 4, 4), tokens, steps, guidance, torch.Generator().manual_seed(0))
+    ts = torch.linspace(d.T - 1, 0, steps).round().long().tolist()
+    clamped_somewhere = False
+    for i, t in enumerate(ts):
+        x = seen[i]
+        ab = d.alpha_bar[t]
+        ab_prev = d.alpha_bar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0)
+        eps = d.eps(model, x, t, tokens, guidance)
+        seen.pop()  # that call was ours, not the sampler's
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        clamped_somewhere |= bool((x0.abs() > 1).any())
+        x0_c = x0.clamp(-1, 1)
+        eps_c = (x - ab.sqrt() * x0_c) / (1 - ab).sqrt()
+        expected = ab_prev.sqrt() * x0_c + (1 - ab_prev).sqrt() * eps_c
+        got = seen[i + 1] if i + 1 < steps else final
+        assert torch.allclose(got, expected, atol=1e-5), f"step {i} (t = {t})"
+        if i + 1 < steps:  # the old sampler's x_{t-1}, with the unclamped eps, is measurably different
+            assert not torch.allclose(got, ab_prev.sqrt() * x0_c + (1 - ab_prev).sqrt() * eps, atol=1e-3)
+    assert clamped_somewhere
+
+
 def test_the_cuda_bf16_autocast_path_runs_on_cpu(monkeypatch):
     """CI has no GPU: run the loss and the guided sampler under the bf16 autocast that CUDA gets."""
     monkeypatch.setattr(train, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))

@@ -165,17 +165,25 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, model, shape, tokens, steps, guidance, gen, eta=0.0):
         """DDIM (Song et al. Eq. 12) on `steps` evenly spaced timesteps; eta = 0 is deterministic.
-        With eta = 1 and steps = T it is DDPM ancestral sampling (Ho et al. Alg. 2)."""
+        With eta = 1 and steps = T it is DDPM ancestral sampling (Ho et al. Alg. 2).
+
+        The predicted x_0 is clamped to the data range [-1, 1], and eps is then *recomputed* from the
+        clamped x_0 (diffusers' `use_clipped_model_output`). Keeping the unclamped eps instead is a real
+        bug under guidance: the guided x_0 often leaves [-1, 1], and what the clamp cuts off returns
+        through eps with the opposite sign; at high noise sqrt(1 - ab_prev) ~ 1, so that eps term rules
+        x_{t-1}. Measured here: it turned a V that had learned the direction word into one that moved
+        the wrong way (issue 12)."""
         device = tokens.device
         ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
         x = torch.randn(shape, device=device, generator=gen)                     # x_T ~ N(0, I)
         for i, t in enumerate(ts):
             ab, ab_prev = self.alpha_bar[t], self.alpha_bar[ts[i + 1]] if i + 1 < steps else self.alpha_bar.new_tensor(1.0)
             eps = self.eps(model, x, t, tokens, guidance)
-            x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)        # predicted x_0
+            x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)        # predicted x_0, in the data range
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()                         # the eps that this x_0 implies
             sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
             noise = torch.randn(shape, device=device, generator=gen) if eta > 0 else 0
-            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * noise
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * noise  # Song et al. Eq. 12
         return x
 
 
