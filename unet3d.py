@@ -29,20 +29,35 @@ def sinusoidal(positions, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def space_time_code(frames, H, W, C, device):
+    """A fixed code of where each row of the temporal layout (B*H*W, F, C) sits: sinusoidal codes of the
+    frame (C/2 channels), the column x and the row y (C/4 each). (H*W, F, C).
+
+    Without it a pixel's features cannot say where they lie nor which frame they are, so V cannot learn
+    that "moving left" puts the object on the right early and on the left late: it moved, but in a
+    random direction (README, issue 12)."""
+    ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+    pixel = torch.cat([sinusoidal(xs.flatten(), C // 4), sinusoidal(ys.flatten(), C // 4)], dim=1)  # (H*W, C/2)
+    frame = sinusoidal(torch.arange(frames, device=device), C // 2)  # (F, C/2)
+    return torch.cat([pixel[:, None].expand(-1, frames, -1), frame[None].expand(H * W, -1, -1)], dim=2)
+
+
 def groups(channels):
     return min(8, channels // 4)
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate Q, K, V projections (so adapters can wrap each one).
+    """Multi-head attention with separate Q, K, V projections (so adapters can wrap each one), in heads of
+    `head_dim` channels (so 1 head at 32 channels, 2 at 64). Four heads of 8 channels cost 3x more here:
+    attention over 8 frames is per-head overhead, not FLOPs (README, Performance).
 
     x is (N, T, C); context is (M, S, D), with M dividing N. The N // M consecutive sequences of x that
     share one context (the frames of a video, or its pixels) are attended as one sequence of N // M * T
     queries: each query attends on its own, so this is the same, without copying K and V N // M times."""
 
-    def __init__(self, dim, context_dim=None, heads=4):
+    def __init__(self, dim, context_dim=None, head_dim=32):
         super().__init__()
-        self.heads = heads
+        self.heads = max(1, dim // head_dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
@@ -128,11 +143,12 @@ class SpatialTransformer(nn.Module):
 
 
 class TemporalModule(nn.Module):
-    """AnimateDiff's motion module, normalised per frame, with its own view of the text.
+    """AnimateDiff's motion module, normalised per frame, with its own view of the text and of space-time.
 
-    norm -> proj_in -> self-attention over frames (sinusoidal frame code added to the normalised input)
-    -> cross-attention to the text (so the prompt can steer the direction) -> feed-forward -> proj_out
-    (zero at init) -> residual. The motion adapter (lora.py) wraps attn1's to_q, to_k and to_v."""
+    norm -> + space-time code -> proj_in -> self-attention over frames (sinusoidal frame code added to
+    its input, as AnimateDiff does) -> cross-attention to the text (so the prompt can steer the direction)
+    -> feed-forward -> proj_out (zero at init) -> residual. The motion adapter (lora.py) wraps attn1's
+    to_q, to_k and to_v."""
 
     def __init__(self, ch, text_dim, max_frames):
         super().__init__()
@@ -149,8 +165,9 @@ class TemporalModule(nn.Module):
         BF, C, H, W = x.shape
         B = BF // frames
         h = self.norm(x)  # per frame: GroupNorm on (B*F, C, H, W)
-        h = h.view(B, frames, C, H * W).permute(0, 3, 1, 2).reshape(B * H * W, frames, C)  # (B*H*W, F, C)
-        h = self.proj_in(h)
+        h = h.view(B, frames, C, H * W).permute(0, 3, 1, 2).reshape(B, H * W, frames, C)
+        h = h + space_time_code(frames, H, W, C, x.device)  # (B, H*W, F, C)
+        h = self.proj_in(h.reshape(B * H * W, frames, C))  # (B*H*W, F, C)
         h = h + self.attn1(self.ln1(h) + self.pos[:frames])
         h = h + self.attn2(self.ln2(h), context)
         h = h + self.ff(self.ln3(h))
