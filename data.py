@@ -7,14 +7,16 @@ world where the renderer *is* the truth:
 - a video is one shape (circle, square, triangle) of one colour moving at constant speed in one of four
   directions, captioned "a red circle moving left";
 - the custom **subject** is a two-tone star, named by the rare token "sks" ("a sks object");
-- the custom **style** is outline-only drawing, named by "zxq" ("a red circle in zxq style").
+- the custom **style** draws the shape on a light grey ground instead of black, named by "zxq" ("a red
+  circle in zxq style"). It changes every pixel of the frame, as a palette or texture style does, which is
+  the kind of customization that moves the features V's temporal layers read the most (PAPER.md).
 
 The base models never see either concept. The metrics at the bottom classify each generated frame by
 matching it against this renderer's templates, so "fidelity" is a measured fact, not a learned score.
 
 Run `python -m pytest -q -k render` to check the renderer; there is no entry point here.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ SUBJECT_TOKEN, STYLE_TOKEN = "sks", "zxq"
 PAD = "<pad>"
 VOCAB = [PAD, "a", *COLORS, *SHAPES, "moving", *DIRECTIONS, "in", "style", "object", SUBJECT_TOKEN, STYLE_TOKEN]
 MAX_WORDS = 8  # "a red circle in zxq style moving left"
-FG_THRESHOLD = 0.35  # a pixel is foreground when its brightest channel exceeds this (background is black)
+STYLE_BACKGROUND = (0.85, 0.85, 0.85)  # the custom style's ground; every other clip is drawn on black
+FG_THRESHOLD = 0.35  # a pixel is foreground when some channel differs from the background by more than this
 
 
 def tokenize(prompts):
@@ -55,20 +58,20 @@ def tokenize(prompts):
 
 @dataclass(frozen=True)
 class Clip:
-    """What one video shows. kind is a base shape or "subject"; outline=True is the custom style."""
+    """What one video shows. kind is a base shape or "subject"; style=True is the custom style."""
     kind: str
     color: str
     direction: str
-    outline: bool = False
+    style: bool = False
 
     @property
     def concept(self):
-        return "subject" if self.kind == "subject" else "style" if self.outline else None
+        return "subject" if self.kind == "subject" else "style" if self.style else None
 
     def image_prompt(self):
         if self.kind == "subject":
             return f"a {SUBJECT_TOKEN} object"
-        return f"a {self.color} {self.kind}" + (f" in {STYLE_TOKEN} style" if self.outline else "")
+        return f"a {self.color} {self.kind}" + (f" in {STYLE_TOKEN} style" if self.style else "")
 
     def prompt(self):
         return f"{self.image_prompt()} moving {self.direction}"
@@ -80,7 +83,7 @@ def random_clip(rng, concept=None):
     direction = rng.choice(list(DIRECTIONS))
     if concept == "subject":
         return Clip("subject", "subject", direction)
-    return Clip(shape, color, direction, outline=concept == "style")
+    return Clip(shape, color, direction, style=concept == "style")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -111,8 +114,9 @@ def _inside(kind, dx, dy, r):
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def render(clip, cx, cy, size, supersample=4):
-    """One anti-aliased RGB frame (3, size, size) in [0, 1]: the clip's shape centred at (cx, cy) px.
+def render(clip, cx, cy, size, background=None, supersample=4):
+    """One anti-aliased RGB frame (3, size, size) in [0, 1]: the clip's shape centred at (cx, cy) px, on
+    its own ground (light for the style, else black) unless `background` (an RGB triple) is given.
 
     Drawn at `supersample` times the resolution, then box-filtered down."""
     n = size * supersample
@@ -120,14 +124,14 @@ def render(clip, cx, cy, size, supersample=4):
     dx, dy = grid[None, :] - cx, grid[:, None] - cy  # (n, n) each, broadcast
     r = radius(size)
     inside = _inside(clip.kind, dx, dy, r)
-    if clip.outline:  # the custom style: a stroke of ~1.2 px at 16 px, the inside left empty
-        inside &= ~_inside(clip.kind, dx, dy, r - max(1.0, 0.075 * size))
     if clip.kind == "subject":
         outer, centre = np.array(SUBJECT_COLORS[0]), np.array(SUBJECT_COLORS[1])
         color = np.where((dx ** 2 + dy ** 2 <= (0.5 * r) ** 2)[None], centre[:, None, None], outer[:, None, None])
     else:
         color = np.array(COLORS[clip.color])[:, None, None]
-    image = inside[None] * color  # (3, n, n)
+    if background is None:
+        background = STYLE_BACKGROUND if clip.style else (0.0, 0.0, 0.0)
+    image = np.where(inside[None], color, np.asarray(background, dtype=np.float64)[:, None, None])  # (3, n, n)
     return image.reshape(3, size, supersample, size, supersample).mean((2, 4)).astype(np.float32)
 
 
@@ -202,12 +206,22 @@ def concept_stills(concept, n, size, frames, seed):
 
 # ----------------------------------------------------------------------------- metrics
 
-_TEMPLATES = [Clip(s, c, "left", o) for s in SHAPES for c in COLORS for o in (False, True)] + [Clip("subject", "subject", "left")]
+_TEMPLATES = [Clip(s, c, "left") for s in SHAPES for c in COLORS] + [Clip("subject", "subject", "left")]
 
 
-def _centroid(frame):
-    """Foreground centroid (x, y) of a (3, H, W) frame in [0, 1], weighted by brightness; None if empty."""
-    weight = np.clip(frame.max(0) - FG_THRESHOLD, 0, None)
+def background(frame):
+    """The ground colour of a (3, H, W) frame: its per-channel median (a shape covers ~1/8 of the frame)."""
+    return np.median(frame.reshape(3, -1), axis=1)
+
+
+def _foreground(frame, ground):
+    """(H, W): how far each pixel is from the ground colour, in its most different channel."""
+    return np.abs(frame - ground[:, None, None]).max(0)
+
+
+def _centroid(frame, ground):
+    """Foreground centroid (x, y) of a (3, H, W) frame, weighted by distance from the ground; None if empty."""
+    weight = np.clip(_foreground(frame, ground) - FG_THRESHOLD, 0, None)
     if weight.sum() < 0.5:
         return None
     ys, xs = np.indices(weight.shape) + 0.5
@@ -215,19 +229,31 @@ def _centroid(frame):
 
 
 def classify(frame):
-    """The template that best explains a (3, H, W) frame in [0, 1], and the frame's stray pixels.
+    """What a (3, H, W) frame in [0, 1] shows, and its stray pixels.
 
-    Every base shape x colour x {filled, outline}, and the subject, is rendered at the foreground
-    centroid; the one with the least squared error wins. Stray pixels are foreground pixels more than
-    one pixel away from the winner's shape: the artifacts. Returns (Clip or None, stray share, centre)."""
-    centre = _centroid(frame)
+    Every base shape x colour, and the subject, is rendered at the foreground centroid on the frame's
+    own ground; the one with the least squared error wins, and a light ground marks the style. Stray
+    pixels are foreground pixels more than one pixel away from the winner's shape: the artifacts.
+    Returns (Clip or None, stray share of the background, centre)."""
+    ground = background(frame)
+    centre = _centroid(frame, ground)
     if centre is None:
         return None, 0.0, None
-    renders = np.stack([render(t, *centre, frame.shape[-1]) for t in _TEMPLATES])
+    renders = np.stack([render(t, *centre, frame.shape[-1], background=ground) for t in _TEMPLATES])
     best = int(((renders - frame[None]) ** 2).sum((1, 2, 3)).argmin())
-    near = torch.nn.functional.max_pool2d(torch.from_numpy(renders[best].max(0) > 0.05)[None].float(), 3, 1, 1)[0]
-    stray = (frame.max(0) > FG_THRESHOLD) & (near.numpy() == 0)
-    return _TEMPLATES[best], float(stray.sum() / max(1, (near.numpy() == 0).sum())), centre
+    shape = torch.from_numpy(_foreground(renders[best], ground) > 0.05)[None].float()
+    far = torch.nn.functional.max_pool2d(shape, 3, 1, 1)[0].numpy() == 0
+    stray = (_foreground(frame, ground) > FG_THRESHOLD) & far
+    label = replace(_TEMPLATES[best], style=bool(ground.mean() > 0.5))
+    return label, float(stray.sum() / max(1, far.sum())), centre
+
+
+def matches(label, clip):
+    """Whether a classified frame shows the clip's concept (the subject, or the style's light ground),
+    its colour and its shape."""
+    found = label is not None
+    return {"custom": found and (label.kind == "subject" if clip.concept == "subject" else label.style),
+            "color": found and label.color == clip.color, "shape": found and label.kind == clip.kind}
 
 
 def video_metrics(video, clip):
@@ -236,12 +262,11 @@ def video_metrics(video, clip):
     - motion: mean foreground-centroid displacement per frame, in pixels.
     - direction: 1 if the net displacement points the prompted way (more than 1 px along it, and more
       than across it), else 0.
-    - custom_fidelity: share of frames whose best template is the concept (the subject, or any outline
-      drawing for the style); None for ordinary prompts.
+    - custom_fidelity: share of frames that show the concept; None for ordinary prompts.
     - prompt_fidelity: mean of the matches of the prompt's non-custom words: colour and shape (share of
       frames) where the prompt names them, and direction.
-    - temporal_consistency: share of consecutive frame pairs whose best template is the same.
-    - artifacts: mean share of background pixels that are foreground-bright (stray pixels)."""
+    - temporal_consistency: share of consecutive frame pairs classified the same (shape, colour, ground).
+    - artifacts: mean share of background pixels that are foreground (stray pixels)."""
     frames = [video[:, f] for f in range(video.shape[1])]
     labels, stray, centres = zip(*(classify(f) for f in frames))
     known = [c for c in centres if c is not None]
@@ -250,26 +275,19 @@ def video_metrics(video, clip):
     (ux, uy) = DIRECTIONS[clip.direction]
     along, across = net[0] * ux + net[1] * uy, abs(net[0] * uy - net[1] * ux)
     direction = float(along > 1.0 and along > across)
-    matches = [direction]
-    if clip.kind != "subject":
-        matches += [np.mean([l is not None and l.color == clip.color for l in labels]),
-                    np.mean([l is not None and l.kind == clip.kind for l in labels])]
-    custom = None
-    if clip.concept == "subject":
-        custom = np.mean([l is not None and l.kind == "subject" for l in labels])
-    elif clip.concept == "style":
-        custom = np.mean([l is not None and l.outline for l in labels])
+    found = [matches(l, clip) for l in labels]
+    words = [direction] + ([] if clip.kind == "subject" else [np.mean([f[k] for f in found]) for k in ("color", "shape")])
     return {"motion": float(np.mean(steps)) if steps else 0.0, "direction_accuracy": direction,
-            "custom_fidelity": None if custom is None else float(custom),
-            "prompt_fidelity": float(np.mean(matches)),
+            "custom_fidelity": float(np.mean([f["custom"] for f in found])) if clip.concept else None,
+            "prompt_fidelity": float(np.mean(words)),
             "temporal_consistency": float(np.mean([a is not None and a == b for a, b in zip(labels, labels[1:])])),
             "artifacts": float(np.mean(stray))}
 
 
-def image_fidelity(image, concept):
-    """1.0 if a (3, H, W) image in [0, 1] is best matched by the concept's templates, else 0.0."""
-    label, _, _ = classify(image)
-    return float(label is not None and (label.kind == "subject" if concept == "subject" else label.outline))
+def image_metrics(image, clip):
+    """The concept and the content (colour and shape both right) of one generated (3, H, W) image."""
+    found = matches(classify(image)[0], clip)
+    return {"custom": float(found["custom"]), "content": float(found["color"] and found["shape"])}
 
 
 def summarize(per_video, seed=0, resamples=1000):
