@@ -190,10 +190,11 @@ def random_batch(rng, n, size, frames, video, device="cpu"):
 
 
 def shift(images, rng, most=2):
-    """Translate (B, 3, H, W) stills by up to `most` px, padding with background: the few stills of a
-    concept then teach its look rather than its position."""
+    """Translate (B, 3, H, W) stills by up to `most` px, padding with the edge pixels (the ground, light or
+    black): the few stills of a concept then teach its look rather than its position. (Padding with black
+    drew black stripes on every light-ground still, and M1 learned them.)"""
     B, C, H, W = images.shape
-    padded = torch.nn.functional.pad(images, (most,) * 4, value=-1.0)
+    padded = torch.nn.functional.pad(images, (most,) * 4, mode="replicate")
     dx, dy = rng.integers(0, 2 * most + 1, 2)
     return padded[:, :, dy:dy + H, dx:dx + W]
 

@@ -302,6 +302,15 @@ def test_every_preset_renders_videos_that_stay_in_the_frame(preset):
         assert np.allclose(visible, visible[0], rtol=0.06)  # anti-aliasing alone moves it by up to 4%
 
 
+def test_shifted_stills_keep_their_own_ground():
+    """The stills are shifted by up to 2 px for augmentation; the uncovered border must be the still's ground
+    (light for the style), not black. Black padding drew stripes that M1 learned as part of the style."""
+    stills, _ = data.concept_stills("style", 4, 16, 8, seed=0)
+    for seed in range(6):  # no style pixel is dark in every channel: the ground is light, each colour has a bright channel
+        shifted = data.shift(stills, np.random.default_rng(seed))
+        assert (shifted.amax(dim=1) > 0).all()
+
+
 def test_tokenizer_rejects_unknown_words_with_the_vocabulary():
     with pytest.raises(ValueError, match="unknown word 'purple'.*the vocabulary is: a red"):
         data.tokenize(["a purple circle"])
