@@ -224,7 +224,7 @@ def temporal_inputs(model, videos, prompts, diffusion, seed):
     input X (B*F, C, H, W), with `videos` noised at GAP_TIMESTEPS (the noise is fixed by `seed`)."""
     device = next(model.parameters()).device
     seen = []
-    hooks = [b.temporal.register_forward_pre_hook(lambda module, args: seen.append(args[0].float())) for b in model.blocks()]
+    hooks = [b.temporal.register_forward_pre_hook(lambda module, args: seen.append(args[0].float())) for b in model.temporal_blocks()]
     x0, tokens = videos.to(device), data.tokenize(prompts).to(device)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     stats = []

@@ -67,6 +67,7 @@ def test_inflation_leaves_m_untouched_and_parts_separate_by_name():
     assert all(torch.equal(before[k], t) for k, t in m.state_dict().items()) and before.keys() == m.state_dict().keys()
     temporal = [n for n, _ in v.named_parameters() if is_temporal(n)]
     assert temporal and set(t2i_state_dict(v)) == set(m.state_dict())
+    assert v.temporal_blocks() and all((b.temporal is not None) == (b.attn is not None) for b in v.blocks())
 
 
 def test_frozen_video_gives_identical_frames_through_the_spatial_path():
@@ -115,10 +116,10 @@ def test_motion_adapter_is_a_no_op_until_trained_and_at_alpha_zero():
     x, t, tok = inputs()
     base = v(x, t, tok)
     lora.add_motion_adapter(v, rank=2)
-    assert len(lora.adapters(v, MOTION)) == 3 * len(v.blocks())  # Q, K, V of every temporal layer
+    assert len(lora.adapters(v, MOTION)) == 3 * len(v.temporal_blocks())  # Q, K, V of every temporal layer
     assert torch.allclose(v(x, t, tok), base, atol=1e-6)
     with torch.no_grad():
-        for block in v.blocks():
+        for block in v.temporal_blocks():
             block.temporal.proj_out.weight.normal_(0, 0.1)  # let the temporal layers matter
     base = lora.set_scale(v, 0.0)(x, t, tok)
     randomize_up(v, MOTION)
@@ -140,8 +141,8 @@ def test_spatial_adapter_starts_as_identity_and_removal_restores_the_model():
     base, keys = v(x, t, tok), set(v.state_dict())
     lora.add_motion_adapter(lora.add_spatial_adapters(v, rank=2), rank=2)
     assert torch.allclose(v(x, t, tok), base, atol=1e-6)
-    feature = torch.randn(3, v.blocks()[0].channels, 4, 4)
-    assert torch.equal(v.blocks()[0].adapter(feature), feature)
+    feature = torch.randn(3, v.temporal_blocks()[0].channels, 4, 4)
+    assert torch.equal(v.temporal_blocks()[0].adapter(feature), feature)
     randomize_up(v, SPATIAL)
     assert not torch.allclose(v(x, t, tok), base, atol=1e-4)
     lora.remove_adapters(v)

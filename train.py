@@ -409,38 +409,25 @@ def bench(cfg, device, steps=10):
     x, prompts = data.video_batch([data.random_clip(rng) for _ in range(cfg.video_batch)], cfg.size, cfg.frames, 0)
     x, tokens, gen = x.to(device), data.tokenize(prompts).to(device), torch.Generator(device).manual_seed(0)
     opt = torch.optim.AdamW(v.parameters(), lr=1e-4)
-    model = v
-    shapes = []  # (rows, in, out) of every nn.Linear call in a forward pass
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((i[0].numel() // m.in_features, m.in_features,
-                                                                    m.out_features))) for m in v.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = []  # (rows, in, out) of every nn.Linear call in one forward pass
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((i[0].numel() // m.in_features, m.in_features, m.out_features)))
+             for m in v.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         v(x, torch.zeros(len(x), dtype=torch.long, device=device), tokens)
     for hook in hooks:
         hook.remove()
-    clock = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
-    def train_step(record=True):
+    def train_step(clock=None):
         marks = [time.perf_counter()]
-        for phase in clock:
-            if phase == "forward":
-                loss = diffusion.loss(model, x, tokens, gen)
-            elif phase == "backward":
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                opt.step()
-            sync()
-            marks.append(time.perf_counter())
-            if record:
-                clock[phase] += marks[-1] - marks[-2]
-    for _ in range(3):  # warm-up
-        train_step(record=False)
-    for _ in range(steps):
-        train_step()
-    seconds = sum(clock.values()) / steps
-    with FlopCounterMode(display=False) as counter:
-        train_step(record=False)
-    flops = counter.get_total_flops()
+        loss = diffusion.loss(v, x, tokens, gen)
+        marks.append(sync() or time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(sync() or time.perf_counter())
+        opt.step()
+        marks.append(sync() or time.perf_counter())
+        for phase, start, end in zip(clock or {}, marks, marks[1:]):
+            clock[phase] += (end - start) / steps
 
     def timed(fn, repeats, warmup=2):
         for _ in range(warmup):
@@ -451,25 +438,33 @@ def bench(cfg, device, steps=10):
             fn()
         sync()
         return (time.perf_counter() - start) / repeats
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    def peak(rows, k, n):
+    def peak(rows, k, n):  # FLOP/s of one (rows x k) @ (k x n) matmul, in the dtype the model runs in
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         a, b = torch.randn(rows, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         return 2 * rows * k * n / timed(lambda: a @ b, 10)
-    square = 8192 if device.type == "cuda" else 2048
-    largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    clock = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
+    for _ in range(3):  # warm-up
+        train_step()
+    for _ in range(steps):
+        train_step(clock)
+    seconds = sum(clock.values())
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    achieved = counter.get_total_flops() / seconds
+    square, largest = 8192 if device.type == "cuda" else 2048, max(shapes, key=lambda s: s[0] * s[1] * s[2])
     peak_square, peak_model = peak(square, square, square), peak(*largest)
-    videos_per_s = len(prompts) / timed(lambda: generate(model, diffusion, prompts, cfg, seed=0), 1, warmup=0)
+    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0), 1, warmup=0)
     memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    achieved = flops / seconds
-    print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): "
-          f"V at {cfg.size}px x {cfg.frames} frames, batch {cfg.video_batch} videos, {sum(p.numel() for p in v.parameters())} parameters")
-    print(f"train: {seconds * 1000:.1f} ms/step = " + " + ".join(f"{k} {t / steps * 1000:.1f}" for k, t in clock.items()) +
-          f" ms; {cfg.video_batch * cfg.frames / seconds:.0f} frames/s; {flops / 1e9:.2f} GFLOP/step; {achieved / 1e9:.1f} GFLOP/s achieved")
-    print(f"matmul peak ({dtype}): {peak_square / 1e9:.1f} GFLOP/s at {square}^3; {peak_model / 1e9:.1f} GFLOP/s at the model's "
-          f"largest matmul, ({largest[0]} x {largest[1]}) @ ({largest[1]} x {largest[2]})")
-    print(f"achieved / peak: {achieved / peak_square:.2f} of the {square}^3 peak, {achieved / peak_model:.2f} of the model-shape peak")
+    print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): V at {cfg.size}px x {cfg.frames} frames, "
+          f"batch {cfg.video_batch} videos, {sum(p.numel() for p in v.parameters())} parameters")
+    print(f"train: {seconds * 1000:.1f} ms/step = " + " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items()) +
+          f" ms; {cfg.video_batch * cfg.frames / seconds:.0f} frames/s; {achieved * seconds / 1e9:.2f} GFLOP/step, "
+          f"{achieved / 1e9:.1f} GFLOP/s achieved")
+    print(f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} GFLOP/s at the model's largest "
+          f"matmul ({largest[0]} x {largest[1]}) @ ({largest[1]} x {largest[2]}); achieved / peak {achieved / peak_square:.2f} "
+          f"and {achieved / peak_model:.2f}")
     print(f"sampling: {videos_per_s:.2f} videos/s (DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})")
     print(f"peak memory: {memory:.0f} MiB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})")
     print(f"MFU {achieved / peak_square:.3f}")
