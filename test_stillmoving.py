@@ -293,6 +293,16 @@ def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
     assert data.video_metrics(frozen, clip)["motion"] < 1e-6
 
 
+def test_motion_is_travel_and_wobble_is_jitter():
+    """An object that wobbles in place does not move; one that glides steadily does not jitter."""
+    clip = data.Clip("circle", "red", "right")
+    wobble = np.stack([data.render(clip, 8 + 0.6 * (-1) ** f, 8, 16) for f in range(8)], axis=1)  # +-0.6 px, 8 frames
+    glide = np.stack([data.render(clip, 5 + 0.8 * f, 8, 16) for f in range(8)], axis=1)
+    still, moving = data.video_metrics(wobble, clip), data.video_metrics(glide, clip)
+    assert still["motion"] < 0.2 and still["jitter"] > 0.9      # steps of 1.2 px that end where they began
+    assert abs(moving["motion"] - 0.8) < 0.05 and moving["jitter"] < 0.05
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_renders_videos_that_stay_in_the_frame(preset):
     cfg = PRESETS[preset]

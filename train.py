@@ -44,9 +44,9 @@ class Config:
     t2i_steps: int = 1500
     t2v_steps: int = 1500
     custom_mode: str = "full"   # "full" fine-tuning (DreamBooth) or "lora"
-    custom_steps: int = 300
-    custom_lr: float = 2e-4
-    n_stills: int = 6           # still images per concept
+    custom_steps: int = 600
+    custom_lr: float = 1e-3
+    n_stills: int = 12          # still images per concept
     motion_steps: int = 500
     spatial_steps: int = 300
     adapter_lr: float = 1e-3
@@ -219,7 +219,7 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
     tensors, optimizer, EMA and step go to <stage>.partial.pt; a re-run resumes from there. At the end
     the EMA weights (if enabled) replace the trained ones."""
     cfg, device = run.cfg, run.device
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)  # one kernel, not one per tensor
     ema = [p.detach().clone() for p in params]
     partial, start = run.path(f"{stage}.partial"), 0
     if os.path.exists(partial):
