@@ -452,7 +452,10 @@ def config_from(args, device):
         if key not in known or not value:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
         kind = type(getattr(cfg, key))
-        changes[key] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+        if kind is bool and value.lower() not in ("true", "false"):
+            raise ValueError(f"--set {item!r}: {key} is true or false")
+        changes[key] = (tuple(int(v) for v in value.split(",")) if kind is tuple else
+                        value.lower() == "true" if kind is bool else kind(value))
     return replace(cfg, **changes)
 
 

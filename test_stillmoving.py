@@ -461,6 +461,14 @@ def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
     assert "cannot write the output folder" in cli_error(["--preset", "quick", "--out", str(tmp_path / "file" / "run")], capsys)
     assert "max_frames=16" in cli_error(["--preset", "quick", "--out", str(tmp_path / "r"), "--set", "frames=40"], capsys)
     assert "KEY=VALUE" in cli_error(["--preset", "quick", "--set", "colour=red"], capsys)
+    assert "true or false" in cli_error(["--preset", "quick", "--set", "compile=0"], capsys)
+
+
+def test_set_reads_booleans_and_tuples():
+    args = stillmoving.parse(["--set", "compile=false", "mults=1,2,2"])
+    assert stillmoving.config_from(args, torch.device("cpu")).compile is False
+    assert stillmoving.config_from(stillmoving.parse(["--set", "compile=True"]), torch.device("cpu")).compile is True
+    assert stillmoving.config_from(args, torch.device("cpu")).mults == (1, 2, 2)
 
 
 def test_sample_command_writes_a_clip(quick_run, tmp_path):

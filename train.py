@@ -61,6 +61,7 @@ class Config:
     sample_batch: int = 8       # prompts sampled at once; small batches stay in a CPU's caches (README)
     ema: float = 0.995          # EMA decay of trained weights; 0 turns it off
     ckpt_every: int = 100       # steps between resumable checkpoints
+    compile: bool = False       # torch.compile the UNet (needs a C compiler; on the cpu preset it was slower)
 
 
 PRESETS = {
@@ -192,6 +193,8 @@ def generate(model, diffusion, prompts, cfg, seed, video=True):
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     model.eval()
+    if cfg.compile:
+        model.compile()
     out = []
     for i in range(0, len(prompts), cfg.sample_batch):
         tokens = data.tokenize(prompts[i:i + cfg.sample_batch]).to(device)
@@ -232,6 +235,8 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         start = state["step"]
         tqdm.write(f"[{stage}] resuming at step {start} from {partial}")
     model.train()
+    if cfg.compile:
+        model.compile()  # in place: the state dict keeps its names
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, leave=False)
     for step in bar:
         rng, gen = step_randomness(cfg.seed, stage, step, device)
@@ -281,7 +286,7 @@ class Run:
     def signature(self):
         """The config a checkpoint depends on: everything but the evaluation size and checkpoint interval."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()
-                if k not in ("eval_videos", "ckpt_every")}
+                if k not in ("eval_videos", "ckpt_every", "compile")}
 
     def load(self, path, stage):
         """Load a checkpoint, refusing one made with another config."""
