@@ -309,7 +309,7 @@ def summarize(per_video, seed=0, resamples=1000):
     return {**out, "ci95": ci}
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- pictures and tables
 
 
 def save_gif(path, grid, scale=4, fps=6):
@@ -335,3 +335,27 @@ def _tile(images, scale, pad=1):
             canvas[y:y + H, x:x + W] = np.asarray(images[i, j]).transpose(1, 2, 0)
     canvas = canvas.repeat(scale, 0).repeat(scale, 1)
     return (np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+
+
+def results_markdown(results):
+    """results.md: every row of the results table, the feature gap, M1's own images and the claims."""
+    keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity", "temporal_consistency", "artifacts")
+    lines = ["| method | concept | alpha | prompts | n | " + " | ".join(keys) + " |", "|---" * (5 + len(keys)) + "|"]
+    for r in results["rows"]:
+        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k in keys]
+        lines.append(f"| {r['method']} | {r['concept'] or '-'} | {'-' if r['alpha'] is None else r['alpha']} | "
+                     f"{r['prompts']} | {r['n_videos']} | " + " | ".join(cells) + " |")
+    gap, concepts = results["feature_gap"], list(results["m1_images"])
+    methods = list(gap[concepts[0]])  # V, naive injection, Still-Moving and the ablations
+    lines += ["", f"Feature gap at the temporal layers' input, against V on ordinary videos (noise floor "
+              f"{gap['noise_floor']:.3f}); M1's own images:", "",
+              "| concept | " + " | ".join(methods) + " | gap closed by the adapters | M1 images: custom_fidelity, content |",
+              "|---" * (len(methods) + 3) + "|"]
+    for c in concepts:
+        closed = (gap[c]["naive_injection"] - gap[c]["still_moving"]) / (gap[c]["naive_injection"] - gap["noise_floor"])
+        m1 = results["m1_images"][c]
+        lines.append(f"| {c} | " + " | ".join(f"{gap[c][m]:.3f}" for m in methods) + f" | {100 * closed:.0f}% | "
+                     f"{m1['custom_fidelity']:.3f}, {m1['content']:.3f} |")
+    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c['id']}: {c['text']} | {'HOLDS' if c['holds'] else 'FAILS'} | {c['evidence']} |" for c in results["claims"]]
+    return "\n".join(lines) + "\n"

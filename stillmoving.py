@@ -30,8 +30,8 @@ import torch
 import data
 import lora
 from lora import MOTION, SPATIAL
-from train import PRESETS, Run, TrainingError, autocast, base_models, generate, pick_device, train_loop
-from unet3d import t2i_state_dict
+from train import PRESETS, Run, TrainingError, base_models, generate, train_loop
+from unet3d import autocast, pick_device, t2i_state_dict
 
 CONCEPTS = ("subject", "style")
 
@@ -311,28 +311,6 @@ def _ci(row, key):
     return f"[{lo:.3f}, {hi:.3f}]"
 
 
-def results_markdown(results):
-    keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity", "temporal_consistency", "artifacts")
-    lines = ["| method | concept | alpha | prompts | n | " + " | ".join(keys) + " |", "|---" * (5 + len(keys)) + "|"]
-    for r in results["rows"]:
-        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k in keys]
-        lines.append(f"| {r['method']} | {r['concept'] or '-'} | {'-' if r['alpha'] is None else r['alpha']} | "
-                     f"{r['prompts']} | {r['n_videos']} | " + " | ".join(cells) + " |")
-    gap, methods = results["feature_gap"], ("base_t2v", "naive_injection", *VARIANTS)
-    lines += ["", f"Feature gap at the temporal layers' input, against V on ordinary videos (noise floor "
-              f"{gap['noise_floor']:.3f}); M1's own images:", "",
-              "| concept | " + " | ".join(methods) + " | gap closed by the adapters | M1 images: custom_fidelity, content |",
-              "|---" * (len(methods) + 3) + "|"]
-    for c in CONCEPTS:
-        closed = (gap[c]["naive_injection"] - gap[c]["still_moving"]) / (gap[c]["naive_injection"] - gap["noise_floor"])
-        m1 = results["m1_images"][c]
-        lines.append(f"| {c} | " + " | ".join(f"{gap[c][m]:.3f}" for m in methods) + f" | {100 * closed:.0f}% | "
-                     f"{m1['custom_fidelity']:.3f}, {m1['content']:.3f} |")
-    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {c['id']}: {c['text']} | {'HOLDS' if c['holds'] else 'FAILS'} | {c['evidence']} |" for c in results["claims"]]
-    return "\n".join(lines) + "\n"
-
-
 def write_figures(run, shown, columns=3):
     """figure.gif / figure.png (the paper's Fig. 2 in miniature) and motion_scale.gif."""
     to01 = lambda x: ((x[:columns] + 1) / 2).clamp(0, 1).numpy()
@@ -345,10 +323,6 @@ def write_figures(run, shown, columns=3):
     data.save_strip(os.path.join(run.dir, "motion_scale.png"), sweep)
 
 
-def count(state):
-    return sum(t.numel() for t in state.values())
-
-
 def main(cfg, out, device):
     start = time.time()
     run = Run(cfg, out, device)
@@ -359,8 +333,9 @@ def main(cfg, out, device):
     write_figures(run, shown)
     run.seconds["evaluate"] = round(time.time() - eval_start, 2)
     m1_images = {c: m1_image_metrics(cfg, parts["generated"][c], c) for c in CONCEPTS}
-    params = {"unet": sum(p.numel() for p in parts["v"].parameters()), "motion_adapter": count(parts["motion"]),
-              "spatial_adapter": count(parts["spatial"]["subject", "still_moving"])}
+    count = lambda tensors: sum(t.numel() for t in tensors)
+    params = {"unet": count(parts["v"].parameters()), "motion_adapter": count(parts["motion"].values()),
+              "spatial_adapter": count(parts["spatial"]["subject", "still_moving"].values())}
     results = {"preset": cfg.preset, "device": str(device), "seed": cfg.seed, "resolution": cfg.size,
                "frames": cfg.frames, "stage_seconds": run.seconds, "total_seconds": round(sum(run.seconds.values()), 2),
                "params": params, "m1_images": m1_images, "feature_gap": gaps, "rows": rows,
@@ -368,8 +343,8 @@ def main(cfg, out, device):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(results_markdown(results))
-    print(results_markdown(results))
+        f.write(data.results_markdown(results))
+    print(data.results_markdown(results))
     print(f"done in {time.time() - start:.0f}s (stages: {results['total_seconds']:.0f}s of work). In {out}/:\n"
           "  results.md, results.json   the table and the claims\n"
           "  figure.gif, figure.png     real / naive / Still-Moving / ablations, subject and style prompts\n"

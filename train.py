@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import data
 import lora
-from unet3d import UNet, inflate, is_temporal
+from unet3d import UNet, autocast, inflate, is_temporal, pick_device
 
 # ----------------------------------------------------------------------------- config
 
@@ -90,22 +90,6 @@ def validate(cfg):
            cfg.sample_batch) < 1:
         raise ValueError("batch sizes, sample counts and sampler steps must be at least 1")
     return cfg
-
-
-def pick_device(name="auto"):
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; full fp32 on CPU (where bf16 is slow and changes results)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- DDPM
@@ -419,22 +403,9 @@ def bench(cfg, device, steps=10):
              for m in v.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         v(x, torch.zeros(len(x), dtype=torch.long, device=device), tokens)
-    for hook in hooks:
-        hook.remove()
+    [hook.remove() for hook in hooks]
 
-    def train_step(clock=None):
-        marks = [time.perf_counter()]
-        loss = diffusion.loss(v, x, tokens, gen)
-        marks.append(sync() or time.perf_counter())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        marks.append(sync() or time.perf_counter())
-        opt.step()
-        marks.append(sync() or time.perf_counter())
-        for phase, start, end in zip(clock or {}, marks, marks[1:]):
-            clock[phase] += (end - start) / steps
-
-    def timed(fn, repeats, warmup=2):
+    def timed(fn, repeats, warmup=2):  # seconds per call
         for _ in range(warmup):
             fn()
         sync()
@@ -448,14 +419,18 @@ def bench(cfg, device, steps=10):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         a, b = torch.randn(rows, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         return 2 * rows * k * n / timed(lambda: a @ b, 10)
-    clock = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
-    for _ in range(3):  # warm-up
-        train_step()
-    for _ in range(steps):
-        train_step(clock)
+    state = {}
+    phases = {"forward": lambda: state.update(loss=diffusion.loss(v, x, tokens, gen)),
+              "backward": lambda: (opt.zero_grad(set_to_none=True), state["loss"].backward()),
+              "optimizer": lambda: opt.step()}
+    clock = dict.fromkeys(phases, 0.0)
+    for step in range(3 + steps):  # the first 3 steps warm up
+        for name, phase in phases.items():
+            seconds = timed(phase, 1, warmup=0)
+            clock[name] += seconds / steps if step >= 3 else 0.0
     seconds = sum(clock.values())
     with FlopCounterMode(display=False) as counter:
-        train_step()
+        [phase() for phase in phases.values()]
     achieved = counter.get_total_flops() / seconds
     square, largest = 8192 if device.type == "cuda" else 2048, max(shapes, key=lambda s: s[0] * s[1] * s[2])
     peak_square, peak_model = peak(square, square, square), peak(*largest)
@@ -463,16 +438,16 @@ def bench(cfg, device, steps=10):
     memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): V at {cfg.size}px x {cfg.frames} frames, "
-          f"batch {cfg.video_batch} videos, {sum(p.numel() for p in v.parameters())} parameters")
-    print(f"train: {seconds * 1000:.1f} ms/step = " + " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items()) +
+          f"batch {cfg.video_batch} videos, {sum(p.numel() for p in v.parameters())} parameters\n"
+          f"train: {seconds * 1000:.1f} ms/step = " + " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items()) +
           f" ms; {cfg.video_batch * cfg.frames / seconds:.0f} frames/s; {achieved * seconds / 1e9:.2f} GFLOP/step, "
-          f"{achieved / 1e9:.1f} GFLOP/s achieved")
-    print(f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} GFLOP/s at the model's largest "
+          f"{achieved / 1e9:.1f} GFLOP/s achieved\n"
+          f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} GFLOP/s at the model's largest "
           f"matmul ({largest[0]} x {largest[1]}) @ ({largest[1]} x {largest[2]}); achieved / peak {achieved / peak_square:.2f} "
-          f"and {achieved / peak_model:.2f}")
-    print(f"sampling: {videos_per_s:.2f} videos/s (DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})")
-    print(f"peak memory: {memory:.0f} MiB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})")
-    print(f"MFU {achieved / peak_square:.3f}")
+          f"and {achieved / peak_model:.2f}\n"
+          f"sampling: {videos_per_s:.2f} videos/s (DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
+          f"peak memory: {memory:.0f} MiB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})\n"
+          f"MFU {achieved / peak_square:.3f}")
     return achieved / peak_square
 
 

@@ -19,6 +19,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ----------------------------------------------------------------------------- where it runs
+
+
+def pick_device(name="auto"):
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full fp32 on CPU (where bf16 is slow and changes results)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
