@@ -13,6 +13,7 @@ Parameter names separate the parts: `.temporal.` marks V's temporal layers, `A_d
 adapters (lora.py), and everything else is the T2I model (UNet + text encoder).
 """
 import copy
+import functools
 import math
 
 import torch
@@ -48,6 +49,7 @@ def sinusoidal(positions, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of its arguments: made once per shape
 def space_time_code(frames, H, W, C, device):
     """A fixed code of where each row of the temporal layout (B*H*W, F, C) sits: sinusoidal codes of the
     frame (C/2 channels), the column x and the row y (C/4 each). (H*W, F, C).
