@@ -238,8 +238,7 @@ def temporal_inputs(model, videos, prompts, diffusion, seed):
             model.eval()(diffusion.q_sample(x0, t, eps), t, tokens)
         stats += [(x.mean((0, 2, 3)), x.std((0, 2, 3))) for x in seen]
         seen.clear()
-    for hook in hooks:
-        hook.remove()
+    [hook.remove() for hook in hooks]
     return stats
 
 
@@ -349,8 +348,7 @@ def main(cfg, out, device):
           "  results.md, results.json   the table and the claims\n"
           "  figure.gif, figure.png     real / naive / Still-Moving / ablations, subject and style prompts\n"
           "  motion_scale.gif           alpha = 1, 0.5, 0, -0.5, -1 (rows)\n"
-          "  samples/                   what each base stage generates\n"
-          "  ckpt/                      one file per stage; the adapters are their own small files")
+          "  samples/, ckpt/            what each base stage generates; one file per stage (adapters: small files)")
     return results
 
 
@@ -374,10 +372,9 @@ def sample_command(args):
     method = METHODS[args.method]
     if method != "base_t2v" and concept is None:
         raise ValueError(f"--method {args.method} needs a custom prompt: use the word {data.SUBJECT_TOKEN!r} or {data.STYLE_TOKEN!r}")
-    preset = lora.load_file(os.path.join(ckpt, "t2i.pt"), "Re-run the recipe.")["config"] if os.path.exists(
-        os.path.join(ckpt, "t2i.pt")) else None
-    if preset is None:
+    if not os.path.exists(os.path.join(ckpt, "t2i.pt")):
         raise ValueError(f"{args.run} has no finished t2i stage; make it with `python stillmoving.py --out {args.run}`")
+    preset = lora.load_file(os.path.join(ckpt, "t2i.pt"), "Re-run the recipe.")["config"]
     cfg = PRESETS[preset["preset"]]
     cfg = replace(cfg, **{k: type(getattr(cfg, k))(value) for k, value in preset.items()})
     run = Run(cfg, args.run, device)

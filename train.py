@@ -7,8 +7,7 @@
 - The base-model stages: M (T2I on frames), V (M inflated, only temporal layers trained on videos, as
   AnimateDiff does), M1 (M customized on a few stills, DreamBooth-style with prior preservation).
 
-Run `python train.py bench [--preset cpu]` for the throughput/MFU benchmark; `python stillmoving.py` runs
-the whole recipe, these stages included.
+`python train.py bench [--preset cpu]` says where a training step stands against this machine.
 """
 import copy
 import os
@@ -63,6 +62,21 @@ class Config:
     ckpt_every: int = 100       # steps between resumable checkpoints
     compile: bool = False       # torch.compile the UNet (needs a C compiler; on the cpu preset it was slower)
 
+    def __post_init__(self):
+        """Refuse a config that could only fail later, deep inside a stage."""
+        if not 2 <= self.frames <= self.max_frames:
+            raise ValueError(f"frames={self.frames}: a video needs at least 2 frames and at most the frame-position code's "
+                             f"max_frames={self.max_frames}")
+        if not 8 <= self.size <= 128 or self.size % 2 ** (len(self.mults) - 1):
+            raise ValueError(f"size={self.size} must be 8..128 px and divisible by {2 ** (len(self.mults) - 1)}")
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction={self.prediction!r}; use eps or v")
+        if self.custom_mode not in ("full", "lora"):
+            raise ValueError(f"custom_mode={self.custom_mode!r}; use full or lora")
+        if min(self.image_batch, self.video_batch, self.eval_videos, self.n_stills, self.n_generated, self.sample_steps,
+               self.sample_batch) < 1:
+            raise ValueError("batch sizes, sample counts and sampler steps must be at least 1")
+
 
 PRESETS = {
     "quick": Config(preset="quick", size=16, frames=4, ch=16, text_dim=32, image_batch=8, video_batch=2,
@@ -75,23 +89,6 @@ PRESETS = {
 }
 
 
-def validate(cfg):
-    """Refuse a config that could only fail later, deep inside a stage."""
-    if not 2 <= cfg.frames <= cfg.max_frames:
-        raise ValueError(f"frames={cfg.frames}: a video needs at least 2 frames and at most the frame-position code's "
-                         f"max_frames={cfg.max_frames}")
-    if not 8 <= cfg.size <= 128 or cfg.size % 2 ** (len(cfg.mults) - 1):
-        raise ValueError(f"size={cfg.size} must be 8..128 px and divisible by {2 ** (len(cfg.mults) - 1)}")
-    if cfg.prediction not in ("eps", "v"):
-        raise ValueError(f"prediction={cfg.prediction!r}; use eps or v")
-    if cfg.custom_mode not in ("full", "lora"):
-        raise ValueError(f"custom_mode={cfg.custom_mode!r}; use full or lora")
-    if min(cfg.image_batch, cfg.video_batch, cfg.eval_videos, cfg.n_stills, cfg.n_generated, cfg.sample_steps,
-           cfg.sample_batch) < 1:
-        raise ValueError("batch sizes, sample counts and sampler steps must be at least 1")
-    return cfg
-
-
 # ----------------------------------------------------------------------------- DDPM
 
 
@@ -99,9 +96,8 @@ class Diffusion:
     """Linear beta schedule 1e-4 -> 0.02 over T = 1000 steps (Ho et al. 2020, Sec. 4), precomputed in
     float64 and stored in float32.
 
-    The UNet predicts the noise eps (Ho et al.) or v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022).
-    At high noise an eps-model's estimate of x_0 enters its loss scaled by the SNR (~0.01); a v-model
-    predicts ~ -x_0 there at full weight. Here v made V's videos coherent where eps flickered (README)."""
+    The UNet predicts the noise eps (Ho et al.) or v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho
+    2022), which made V's videos coherent where eps flickered (README, finding 9)."""
 
     def __init__(self, device, prediction="v", T=1000, beta_1=1e-4, beta_T=0.02):
         self.T, self.prediction = T, prediction
@@ -194,13 +190,6 @@ class TrainingError(RuntimeError):
     pass
 
 
-def step_randomness(seed, stage, step, device):
-    """Each step draws its randomness from (seed, stage, step) alone, so a resumed run repeats the
-    steps an uninterrupted run would take, without saving any RNG state."""
-    rng = np.random.default_rng([seed, zlib.crc32(stage.encode()), step])
-    return rng, torch.Generator(device).manual_seed(int(rng.integers(2 ** 62)))
-
-
 def train_loop(run, stage, model, params, loss_fn, steps, lr):
     """Adam on `params` for `steps` steps of loss_fn(rng, gen). Every ckpt_every steps the trainable
     tensors, optimizer, EMA and step go to <stage>.partial.pt; a re-run resumes from there. At the end
@@ -223,7 +212,9 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         model.compile()  # in place: the state dict keeps its names
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, leave=False)
     for step in bar:
-        rng, gen = step_randomness(cfg.seed, stage, step, device)
+        # (seed, stage, step) alone decide a step's randomness: a resumed run repeats the steps it missed
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(stage.encode()), step])
+        gen = torch.Generator(device).manual_seed(int(rng.integers(2 ** 62)))
         loss = loss_fn(rng, gen)
         if not torch.isfinite(loss):
             kept = f"the last good checkpoint is kept at {partial}" if os.path.exists(partial) else "no checkpoint was written yet"
@@ -255,7 +246,7 @@ class Run:
     """A run folder: <out>/ckpt/<stage>.pt per finished stage, samples/, results. Stages are reused."""
 
     def __init__(self, cfg, out, device):
-        self.cfg, self.dir, self.device = validate(cfg), out, device
+        self.cfg, self.dir, self.device = cfg, out, device
         self.diffusion = Diffusion(device, cfg.prediction)
         self.seconds = {}
         try:
@@ -405,46 +396,40 @@ def bench(cfg, device, steps=10):
         v(x, torch.zeros(len(x), dtype=torch.long, device=device), tokens)
     [hook.remove() for hook in hooks]
 
-    def timed(fn, repeats, warmup=2):  # seconds per call
-        for _ in range(warmup):
-            fn()
-        sync()
-        start = time.perf_counter()
+    def timed(fn, repeats=1):  # seconds per call, the device synchronised before and after
+        start = sync() or time.perf_counter()
         for _ in range(repeats):
             fn()
-        sync()
-        return (time.perf_counter() - start) / repeats
+        return ((sync() or time.perf_counter()) - start) / repeats
 
     def peak(rows, k, n):  # FLOP/s of one (rows x k) @ (k x n) matmul, in the dtype the model runs in
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         a, b = torch.randn(rows, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        timed(lambda: a @ b, 2)  # warm-up
         return 2 * rows * k * n / timed(lambda: a @ b, 10)
-    state = {}
+    state = {}  # the loss, from the forward phase to the backward one
     phases = {"forward": lambda: state.update(loss=diffusion.loss(v, x, tokens, gen)),
               "backward": lambda: (opt.zero_grad(set_to_none=True), state["loss"].backward()),
               "optimizer": lambda: opt.step()}
     clock = dict.fromkeys(phases, 0.0)
     for step in range(3 + steps):  # the first 3 steps warm up
         for name, phase in phases.items():
-            seconds = timed(phase, 1, warmup=0)
-            clock[name] += seconds / steps if step >= 3 else 0.0
+            clock[name] += timed(phase) / steps if step >= 3 else 0.0
     seconds = sum(clock.values())
     with FlopCounterMode(display=False) as counter:
         [phase() for phase in phases.values()]
     achieved = counter.get_total_flops() / seconds
     square, largest = 8192 if device.type == "cuda" else 2048, max(shapes, key=lambda s: s[0] * s[1] * s[2])
     peak_square, peak_model = peak(square, square, square), peak(*largest)
-    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0), 1, warmup=0)
-    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0))
+    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): V at {cfg.size}px x {cfg.frames} frames, "
           f"batch {cfg.video_batch} videos, {sum(p.numel() for p in v.parameters())} parameters\n"
           f"train: {seconds * 1000:.1f} ms/step = " + " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items()) +
           f" ms; {cfg.video_batch * cfg.frames / seconds:.0f} frames/s; {achieved * seconds / 1e9:.2f} GFLOP/step, "
           f"{achieved / 1e9:.1f} GFLOP/s achieved\n"
           f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} GFLOP/s at the model's largest "
-          f"matmul ({largest[0]} x {largest[1]}) @ ({largest[1]} x {largest[2]}); achieved / peak {achieved / peak_square:.2f} "
-          f"and {achieved / peak_model:.2f}\n"
+          f"matmul ({largest[0]} x {largest[1]}) @ ({largest[1]} x {largest[2]}); achieved / peak {achieved / peak_square:.2f} and {achieved / peak_model:.2f}\n"
           f"sampling: {videos_per_s:.2f} videos/s (DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
           f"peak memory: {memory:.0f} MiB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})\n"
           f"MFU {achieved / peak_square:.3f}")
