@@ -259,7 +259,7 @@ class Run:
         return os.path.join(self.dir, "ckpt", f"{stage}.pt")
 
     def signature(self):
-        """The config a checkpoint depends on: everything but the evaluation size and checkpoint interval."""
+        """The config a checkpoint depends on: everything but the evaluation size, checkpoint interval and compile."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()
                 if k not in ("eval_videos", "ckpt_every", "compile")}
 
