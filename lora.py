@@ -81,7 +81,7 @@ def add_motion_adapter(model, rank):
 
 
 def add_spatial_adapters(model, rank):
-    """A spatial adapter after each injected T2I block, before the temporal module that reads it (Sec. 3.3)."""
+    """A spatial adapter after each T2I block that feeds a temporal module, before that module (Sec. 3.3)."""
     device = next(model.parameters()).device
     if not model.temporal_blocks():
         raise ValueError("this model has no temporal layers: inflate it (unet3d.inflate) before adding spatial adapters")

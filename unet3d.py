@@ -293,7 +293,7 @@ class UNet(nn.Module):
 
 def inflate(m):
     """V from M (Sec. 3.1): a copy with a temporal module after each block that has spatial attention, i.e.
-    below full resolution. M is untouched. (Temporal modules at full resolution too cost 34% of V's
+    below full resolution. M is untouched. (Temporal modules at full resolution too cost a third of V's
     training step here, and V moved as well without them: README, Performance.)"""
     v = copy.deepcopy(m)
     for block in v.blocks():
