@@ -43,7 +43,8 @@ class Config:
     t2i_steps: int = 1500
     t2v_steps: int = 1500
     custom_mode: str = "full"   # "full" fine-tuning (DreamBooth) or "lora"
-    custom_steps: int = 600
+    custom_steps: int = 600     # the subject's M1: one object to learn
+    style_steps: int = 1200     # the style's M1: twelve contents on a new ground (README, finding 4)
     custom_lr: float = 1e-3
     n_stills: int = 12          # still images per concept
     motion_steps: int = 500
@@ -80,7 +81,7 @@ class Config:
 
 PRESETS = {
     "quick": Config(preset="quick", size=16, frames=4, ch=16, text_dim=32, image_batch=8, video_batch=2,
-                    t2i_steps=20, t2v_steps=10, custom_steps=5, n_stills=4, motion_steps=5, spatial_steps=5,
+                    t2i_steps=20, t2v_steps=10, custom_steps=5, style_steps=5, n_stills=4, motion_steps=5, spatial_steps=5,
                     n_prior_videos=4, n_generated=4, sample_steps=3, eval_videos=4, ckpt_every=5),
     "cpu": Config(),
     "gpu": Config(preset="gpu", size=32, frames=16, ch=64, mults=(1, 2, 2), text_dim=128, max_frames=32,
@@ -353,7 +354,8 @@ def customize(run, m, concept):
             x = torch.cat([data.shift(stills[i], rng), prior[j]]).to(dev)
             tokens = data.tokenize([prompts[k] for k in i] + [prior_prompts[k] for k in j]).to(dev)
             return diffusion.loss(m1, x, tokens, gen)
-        train_loop(run, f"custom_{concept}", m1, params, loss, cfg.custom_steps, cfg.custom_lr)
+        steps = cfg.style_steps if concept == "style" else cfg.custom_steps
+        train_loop(run, f"custom_{concept}", m1, params, loss, steps, cfg.custom_lr)
         lora.merge_lora(m1, lora.CUSTOM)  # M1 is a plain T2I model either way
         lora.remove_adapters(m1, lora.CUSTOM)
         save_samples(run, f"custom_{concept}", m1, list(dict.fromkeys(prompts)) + prior_prompts[:4], video=False)
