@@ -393,7 +393,7 @@ def test_quick_run_writes_every_output(quick_run):
     with open(os.path.join(run.dir, "results.json")) as f:
         saved = json.load(f)
     assert set(saved) >= {"preset", "device", "seed", "resolution", "frames", "stage_seconds", "total_seconds",
-                          "params", "rows", "claims"}
+                          "params", "m1_images", "denoising_gap", "rows", "claims"}
     methods = {(r["method"], r["concept"], r["alpha"]) for r in saved["rows"]}
     assert all((method, concept, None) in methods for concept in ("subject", "style")
                for method in ("real", "naive_injection", "still_moving", "no_motion_adapter", "no_prior_preservation"))
@@ -403,6 +403,32 @@ def test_quick_run_writes_every_output(quick_run):
     assert "HOLDS" in open(os.path.join(run.dir, "results.md")).read() or "FAILS" in open(os.path.join(run.dir, "results.md")).read()
     sizes = {f: os.path.getsize(os.path.join(run.dir, "ckpt", f)) for f in os.listdir(os.path.join(run.dir, "ckpt"))}
     assert sizes["motion_adapter.pt"] < sizes["t2v.pt"] / 5 and sizes["spatial_subject_still_moving.pt"] < sizes["t2v.pt"] / 5
+
+
+def test_denoising_gap_uses_one_noise_for_every_model_and_scores_the_true_target_zero(quick_run):
+    """The mechanism's measure compares models only if each sees the same noise, and it must score a
+    denoiser that returns the exact target (eps or v) as 0."""
+    run, results, parts = quick_run
+    d = run.diffusion
+    videos, prompts = data.video_batch([data.random_clip(np.random.default_rng(0)) for _ in range(2)], QUICK.size, QUICK.frames, 0)
+    loss = lambda model, seed=5: stillmoving.denoising_loss(model, videos, prompts, d, seed)
+    assert loss(parts["v"]) == loss(parts["v"]) != loss(parts["v"], seed=6)
+
+    class Oracle(torch.nn.Module):  # it knows x_0, so it can recover eps from x_t exactly
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, xt, t, tokens):
+            eps = (xt - d.at(d.sqrt_ab, t, videos) * videos) / d.at(d.sqrt_1m_ab, t, videos)
+            return d.target(videos, t, eps)
+    assert max(loss(Oracle())) < 1e-8 < min(loss(parts["v"]))
+    for concept in stillmoving.CONCEPTS:
+        gap = results["denoising_gap"][concept]
+        assert set(gap["frozen_alpha_1"]) == {"m1", "naive_injection", "still_moving"}
+        assert set(gap["moving_alpha_0"]) == {"base_t2v", "naive_injection", *stillmoving.VARIANTS}
+        assert all(len(v) == len(stillmoving.GAP_TIMESTEPS) for g in gap.values() for v in g.values())
+        assert gap["frozen_alpha_1"]["still_moving"] != gap["frozen_alpha_1"]["naive_injection"]  # the adapters were trained
 
 
 def test_motion_adapter_at_alpha_zero_is_exactly_v_after_training(quick_run):

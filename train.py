@@ -128,10 +128,13 @@ class Diffusion:
         tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)     # null prompt = all <pad>
         with autocast(x0.device):
             pred = model(self.q_sample(x0, t, eps), t, tokens)
+        return F.mse_loss(pred.float(), self.target(x0, t, eps))                 # Alg. 1 line 5
+
+    def target(self, x0, t, eps):
+        """What the UNet is trained to predict: eps itself, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0."""
         if self.prediction == "eps":
-            return F.mse_loss(pred.float(), eps)                                  # Alg. 1 line 5
-        v = self.at(self.sqrt_ab, t, x0) * eps - self.at(self.sqrt_1m_ab, t, x0) * x0  # the v target
-        return F.mse_loss(pred.float(), v)
+            return eps
+        return self.at(self.sqrt_ab, t, x0) * eps - self.at(self.sqrt_1m_ab, t, x0) * x0
 
     def eps(self, model, x, t, tokens, guidance):
         """The guided noise estimate: eps_u + w (eps_c - eps_u) (classifier-free guidance), both halves
