@@ -223,7 +223,7 @@ GAP_TIMESTEPS = (100, 300, 500, 700, 900)
 @torch.no_grad()
 def denoising_loss(model, videos, prompts, diffusion, seed):
     """The diffusion loss of `model` on `videos` noised at each of GAP_TIMESTEPS, with the same noise for
-    every model (fixed by `seed`): one number per timestep. A T2I model (M1) denoises each frame alone."""
+    every model (fixed by `seed`): one number per timestep."""
     device = next(model.parameters()).device
     x0, tokens = videos.to(device), data.tokenize(prompts).to(device)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -238,14 +238,12 @@ def denoising_loss(model, videos, prompts, diffusion, seed):
 
 def frozen_gap(run, parts, concept, seed):
     """The spatial adapters' own objective, measured: the loss on frozen videos of M1's images with the motion
-    adapter at alpha = 1, for naive injection and Still-Moving, beside M1's loss on the same frames (the
-    floor: M1 drew them). What the adapters can learn from frozen videos is the gap from naive to M1."""
+    adapter at alpha = 1, for naive injection (adapters at the identity) and for Still-Moving."""
     images, prompts = parts["generated"][concept]["images"], parts["generated"][concept]["prompts"]
     frozen = images[:, :, None].expand(-1, -1, run.cfg.frames, -1, -1)  # (B, 3, F, H, W): each still, F times
     captions = [f"{p} moving {list(data.DIRECTIONS)[i % 4]}" for i, p in enumerate(prompts)]
-    loss = lambda model: denoising_loss(model, frozen, captions, run.diffusion, seed)
-    return {"m1": loss(parts["m1s"][concept]),
-            **{m: loss(build(parts, m, concept, alpha=1.0)) for m in ("naive_injection", "still_moving")}}
+    return {m: denoising_loss(build(parts, m, concept, alpha=1.0), frozen, captions, run.diffusion, seed)
+            for m in ("naive_injection", "still_moving")}
 
 
 def find(rows, method, concept=None, alpha=None, prompts=None):

@@ -425,7 +425,7 @@ def test_denoising_gap_uses_one_noise_for_every_model_and_scores_the_true_target
     assert max(loss(Oracle())) < 1e-8 < min(loss(parts["v"]))
     for concept in stillmoving.CONCEPTS:
         gap = results["denoising_gap"][concept]
-        assert set(gap["frozen_alpha_1"]) == {"m1", "naive_injection", "still_moving"}
+        assert set(gap["frozen_alpha_1"]) == {"naive_injection", "still_moving"}
         assert set(gap["moving_alpha_0"]) == {"base_t2v", "naive_injection", *stillmoving.VARIANTS}
         assert all(len(v) == len(stillmoving.GAP_TIMESTEPS) for g in gap.values() for v in g.values())
         assert gap["frozen_alpha_1"]["still_moving"] != gap["frozen_alpha_1"]["naive_injection"]  # the adapters were trained
