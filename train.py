@@ -95,10 +95,8 @@ PRESETS = {
 
 class Diffusion:
     """Linear beta schedule 1e-4 -> 0.02 over T = 1000 steps (Ho et al. 2020, Sec. 4), precomputed in
-    float64 and stored in float32.
-
-    The UNet predicts the noise eps (Ho et al.) or v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho
-    2022), which made V's videos coherent where eps flickered (README, finding 9)."""
+    float64 and stored in float32. The UNet predicts the noise eps (Ho et al.) or v = sqrt(ab) eps -
+    sqrt(1 - ab) x_0 (Salimans & Ho 2022), which made V's videos coherent where eps flickered (finding 9)."""
 
     def __init__(self, device, prediction="v", T=1000, beta_1=1e-4, beta_T=0.02):
         self.T, self.prediction = T, prediction
@@ -132,9 +130,7 @@ class Diffusion:
 
     def target(self, x0, t, eps):
         """What the UNet is trained to predict: eps itself, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0."""
-        if self.prediction == "eps":
-            return eps
-        return self.at(self.sqrt_ab, t, x0) * eps - self.at(self.sqrt_1m_ab, t, x0) * x0
+        return eps if self.prediction == "eps" else self.at(self.sqrt_ab, t, x0) * eps - self.at(self.sqrt_1m_ab, t, x0) * x0
 
     def eps(self, model, x, t, tokens, guidance):
         """The guided noise estimate: eps_u + w (eps_c - eps_u) (classifier-free guidance), both halves
@@ -254,8 +250,7 @@ class Run:
         self.diffusion = Diffusion(device, cfg.prediction)
         self.seconds = {}
         try:
-            os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
-            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            [os.makedirs(os.path.join(out, sub), exist_ok=True) for sub in ("ckpt", "samples")]
         except OSError as e:
             raise ValueError(f"cannot write the output folder {out!r}: {e.strerror}") from None
 
