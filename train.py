@@ -96,7 +96,7 @@ PRESETS = {
 class Diffusion:
     """Linear beta schedule 1e-4 -> 0.02 over T = 1000 steps (Ho et al. 2020, Sec. 4), precomputed in
     float64 and stored in float32. The UNet predicts the noise eps (Ho et al.) or v = sqrt(ab) eps -
-    sqrt(1 - ab) x_0 (Salimans & Ho 2022), which made V's videos coherent where eps flickered (finding 9)."""
+    sqrt(1 - ab) x_0 (Salimans & Ho 2022), which made V's videos coherent where eps flickered (README, finding 9)."""
 
     def __init__(self, device, prediction="v", T=1000, beta_1=1e-4, beta_T=0.02):
         self.T, self.prediction = T, prediction
