@@ -165,12 +165,16 @@ def video_batch(clips, size, frames, seed):
     return to_model(np.stack(videos)), [c.prompt() for c in clips]
 
 
+def repeat_frames(images, frames):
+    """A frozen video of each (B, C, H, W) image: the image repeated F times, (B, C, F, H, W) (a view)."""
+    return images[:, :, None].expand(-1, -1, frames, -1, -1)
+
+
 def freeze(videos, rng):
     """Frozen videos (Sec 3.2): one random frame of each (B, C, F, H, W) video, repeated F times."""
     B, C, F, H, W = videos.shape
     pick = torch.from_numpy(rng.integers(0, F, size=B))
-    still = videos[torch.arange(B), :, pick]  # (B, C, H, W)
-    return still[:, :, None].expand(B, C, F, H, W).contiguous()
+    return repeat_frames(videos[torch.arange(B), :, pick], F).contiguous()  # the picked frames are (B, C, H, W)
 
 
 def image_batch(clips, size, frames, seed):

@@ -122,7 +122,7 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
 
     def loss(rng, gen):
         i = rng.integers(0, len(images), half)
-        frozen = images[i][:, :, None].expand(-1, -1, cfg.frames, -1, -1)  # (B, 3, F, H, W): a still, F times
+        frozen = data.repeat_frames(images[i], cfg.frames)  # (B, 3, F, H, W): a still, F times
         captions = [f"{prompts[k]} moving {rng.choice(list(data.DIRECTIONS))}" for k in i]
         lora.set_scale(model, 1.0 if use["motion_adapter"] else 0.0)
         total = run.diffusion.loss(model, frozen.to(dev), data.tokenize(captions).to(dev), gen)
@@ -240,7 +240,7 @@ def frozen_gap(run, parts, concept, seed):
     """The spatial adapters' own objective, measured: the loss on frozen videos of M1's images with the motion
     adapter at alpha = 1, for naive injection (adapters at the identity) and for Still-Moving."""
     images, prompts = parts["generated"][concept]["images"], parts["generated"][concept]["prompts"]
-    frozen = images[:, :, None].expand(-1, -1, run.cfg.frames, -1, -1)  # (B, 3, F, H, W): each still, F times
+    frozen = data.repeat_frames(images, run.cfg.frames)  # (B, 3, F, H, W): each still, F times
     captions = [f"{p} moving {list(data.DIRECTIONS)[i % 4]}" for i, p in enumerate(prompts)]
     return {m: denoising_loss(build(parts, m, concept, alpha=1.0), frozen, captions, run.diffusion, seed)
             for m in ("naive_injection", "still_moving")}
