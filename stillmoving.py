@@ -237,8 +237,8 @@ def denoising_loss(model, videos, prompts, diffusion, seed):
 
 
 def frozen_gap(run, parts, concept, seed):
-    """The spatial adapters' own objective, measured: the loss on frozen videos of M1's images with the motion
-    adapter at alpha = 1, for naive injection (adapters at the identity) and for Still-Moving."""
+    """The frozen half of the spatial adapters' objective, measured: the loss on frozen videos of M1's images
+    with the motion adapter at alpha = 1, for naive injection (no spatial adapters) and for Still-Moving."""
     images, prompts = parts["generated"][concept]["images"], parts["generated"][concept]["prompts"]
     frozen = data.repeat_frames(images, run.cfg.frames)  # (B, 3, F, H, W): each still, F times
     captions = [f"{p} moving {list(data.DIRECTIONS)[i % 4]}" for i, p in enumerate(prompts)]
