@@ -377,9 +377,10 @@ def save_samples(run, name, model, prompts, video):
 
 
 def bench(cfg, device, steps=10):
-    """Where V's training step stands against this machine: the step split into forward, backward and
-    optimizer; model FLOPs per step (FlopCounterMode); the same-process matmul peak, both at 2048^2 and
-    at the model's own largest matmul shape (so the ratio means something on any CPU); sampling speed."""
+    """Where V's training step stands against this machine: the step split into forward, backward and optimizer;
+    model FLOPs per step (FlopCounterMode); the same-process matmul peak, both at 2048^2 and at the model's own
+    largest matmul shape (so the ratio means something on any CPU); the share of the step in the ops that do the
+    FLOPs, which bounds what fusing all the others could gain; sampling speed."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -418,6 +419,11 @@ def bench(cfg, device, steps=10):
     seconds = sum(clock.values())
     with FlopCounterMode(display=False) as counter:
         [phase() for phase in phases.values()]
+    with torch.profiler.profile() as prof:  # the step's time per operator (the profiler's overhead weighs on the small ones)
+        [phase() for phase in phases.values()]
+    ops = {e.key: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+           for e in prof.key_averages() if e.key.startswith("aten::")}
+    in_flop_ops = sum(t for k, t in ops.items() if any(s in k for s in ("conv", "mm", "scaled_dot"))) / sum(ops.values())
     achieved = counter.get_total_flops() / seconds
     square, largest = 8192 if device.type == "cuda" else 2048, max(shapes, key=lambda s: s[0] * s[1] * s[2])
     peak_square, peak_model = peak(square, square, square), peak(*largest)
@@ -430,6 +436,7 @@ def bench(cfg, device, steps=10):
           f"{achieved / 1e9:.1f} GFLOP/s achieved\n"
           f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} GFLOP/s at the model's largest "
           f"matmul ({largest[0]} x {largest[1]}) @ ({largest[1]} x {largest[2]}); achieved / peak {achieved / peak_square:.2f} and {achieved / peak_model:.2f}\n"
+          f"time in convolutions, matmuls and attention: {in_flop_ops:.0%} of a step; were all other ops free, {1 / in_flop_ops:.2f}x faster\n"
           f"sampling: {videos_per_s:.2f} videos/s (DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
           f"peak memory: {memory:.0f} MiB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})\n"
           f"MFU {achieved / peak_square:.3f}")
