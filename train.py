@@ -377,10 +377,9 @@ def save_samples(run, name, model, prompts, video):
 
 
 def bench(cfg, device, steps=10):
-    """Where V's training step stands against this machine: the step split into forward, backward and optimizer;
-    model FLOPs per step (FlopCounterMode); the same-process matmul peak, both at 2048^2 and at the model's own
-    largest matmul shape (so the ratio means something on any CPU); the share of the step in the ops that do the
-    FLOPs, which bounds what fusing all the others could gain; sampling speed."""
+    """Where V's training step stands against this machine: forward, backward and optimizer time; model FLOPs per
+    step (FlopCounterMode); the same-process matmul peak at 2048^2 and at the model's own largest matmul shape (so the
+    ratio means something on any CPU); the step's share in the ops that do the FLOPs (a ceiling on fusing the rest)."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
