@@ -201,9 +201,7 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
     if os.path.exists(partial):
         state = run.load(partial, stage)
         with torch.no_grad():
-            for p, saved, e, saved_e in zip(params, state["params"], ema, state["ema"]):
-                p.copy_(saved)
-                e.copy_(saved_e)
+            [live.copy_(saved) for live, saved in zip([*params, *ema], [*state["params"], *state["ema"]])]
         opt.load_state_dict(state["opt"])
         start = state["step"]
         tqdm.write(f"[{stage}] resuming at step {start} from {partial}")
@@ -225,16 +223,14 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))  # warm-up: an EMA of few steps must not lag far
         with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+            [e.lerp_(p.detach(), 1 - decay) for e, p in zip(ema, params)]
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             lora.save_file({"config": run.signature(), "step": step + 1, "opt": opt.state_dict(),
                             "params": [p.detach().cpu() for p in params], "ema": [e.cpu() for e in ema]}, partial)
     if cfg.ema > 0:
         with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e)
+            [p.copy_(e) for p, e in zip(params, ema)]
     tqdm.write(f"[{stage}] {steps} steps, final loss {loss.item():.4f}" if steps > start else f"[{stage}] done")
     return model
 
