@@ -405,8 +405,7 @@ def bench(cfg, device, steps=10):
         return 2 * rows * k * n / timed(lambda: a @ b, 10)
     state = {}  # the loss, from the forward phase to the backward one
     phases = {"forward": lambda: state.update(loss=diffusion.loss(v, x, tokens, gen)),
-              "backward": lambda: (opt.zero_grad(set_to_none=True), state["loss"].backward()),
-              "optimizer": lambda: opt.step()}
+              "backward": lambda: (opt.zero_grad(set_to_none=True), state["loss"].backward()), "optimizer": opt.step}
     clock = dict.fromkeys(phases, 0.0)
     for step in range(3 + steps):  # the first 3 steps warm up
         for name, phase in phases.items():
