@@ -6,6 +6,7 @@ the synthetic world and its metrics, the recipe's invariants, and the failure mo
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -564,3 +565,6 @@ def test_bench_reports_an_mfu_between_zero_and_one():
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("MFU ") and 0 < float(last.split()[1]) < 1
     assert "frames/s" in out.stdout and "peak memory" in out.stdout
+    # the share of a step in convolutions, matmuls and attention, and the ceiling it sets: share x ceiling = 1
+    share, ceiling = re.search(r"attention: (\d+)% of a step; were all other ops free, ([\d.]+)x faster", out.stdout).groups()
+    assert 0 < int(share) < 100 and float(ceiling) > 1 and abs(int(share) / 100 * float(ceiling) - 1) < 0.02
