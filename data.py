@@ -193,14 +193,23 @@ def random_batch(rng, n, size, frames, video, device="cpu"):
     return x.to(device), tokenize(prompts).to(device)
 
 
-def shift(images, rng, most=2):
-    """Translate (B, 3, H, W) stills by up to `most` px, padding with the edge pixels (the ground, light or
-    black): the few stills of a concept then teach its look rather than its position. (Padding with black
-    drew black stripes on every light-ground still, and M1 learned them.)"""
-    B, C, H, W = images.shape
-    padded = torch.nn.functional.pad(images, (most,) * 4, mode="replicate")
-    dx, dy = rng.integers(0, 2 * most + 1, 2)
-    return padded[:, :, dy:dy + H, dx:dx + W]
+def shift(images, rng):
+    """Move the shape of each (B, 3, H, W) still to a random place where it stays whole (augmentation), so that
+    M1 learns the concept's look rather than where its few stills put it. The roll wraps only the still's own
+    uniform ground around (light or black: black padding once drew stripes that M1 learned as part of the style).
+    With shifts of at most 2 px, the style's M1 drew each colour x shape where its one still had it, and the
+    videos made with M1 stayed there (README, finding 11)."""
+    moved = torch.empty_like(images)
+    for b, image in enumerate(images):
+        frame = ((image + 1) / 2).numpy()
+        ys, xs = np.nonzero(_foreground(frame, background(frame)) > 0.01)  # the shape, anti-aliased edge included
+        if len(ys) == 0:  # nothing drawn, nothing to move
+            moved[b] = image
+            continue
+        dy = int(rng.integers(-ys.min(), frame.shape[1] - ys.max()))  # the shape's rows stay in 0..H-1
+        dx = int(rng.integers(-xs.min(), frame.shape[2] - xs.max()))
+        moved[b] = torch.roll(image, (dy, dx), dims=(1, 2))
+    return moved
 
 
 def concept_stills(concept, n, size, frames, seed):

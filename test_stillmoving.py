@@ -314,13 +314,28 @@ def test_every_preset_renders_videos_that_stay_in_the_frame(preset):
         assert np.allclose(visible, visible[0], rtol=0.06)  # anti-aliasing alone moves it by up to 4%
 
 
-def test_shifted_stills_keep_their_own_ground():
-    """The stills are shifted by up to 2 px for augmentation; the uncovered border must be the still's ground
-    (light for the style), not black. Black padding drew stripes that M1 learned as part of the style."""
-    stills, _ = data.concept_stills("style", 4, 16, 8, seed=0)
-    for seed in range(6):  # no style pixel is dark in every channel: the ground is light, each colour has a bright channel
-        shifted = data.shift(stills, np.random.default_rng(seed))
-        assert (shifted.amax(dim=1) > 0).all()
+def test_shifted_stills_keep_the_whole_shape_on_their_own_ground_and_go_anywhere():
+    """Augmentation moves each still's shape to a random place where it stays whole. Every pixel is kept (a roll
+    of the still's own ground: black padding once drew stripes that M1 learned as part of the style), the shape
+    is not cut at the border nor wrapped around it, and it travels farther than the 2 px that let M1 memorise
+    where its stills put it (README, finding 11)."""
+    def box_and_centre(image):
+        frame = ((image + 1) / 2).numpy()
+        ground = data.background(frame)
+        ys, xs = np.nonzero(data._foreground(frame, ground) > 0.01)
+        return (ys.max() - ys.min(), xs.max() - xs.min()), data._centroid(frame, ground)
+
+    for concept in ("style", "subject"):
+        stills, _ = data.concept_stills(concept, 12, 16, 8, seed=0)
+        farthest = 0.0
+        for seed in range(6):
+            shifted = data.shift(stills, np.random.default_rng(seed))
+            assert torch.equal(shifted.flatten(1).sort(dim=1).values, stills.flatten(1).sort(dim=1).values)
+            for before, after in zip(stills, shifted):
+                (box, centre), (moved_box, moved_centre) = box_and_centre(before), box_and_centre(after)
+                assert moved_box == box  # a shape wrapped round the border would span the frame
+                farthest = max(farthest, float(np.abs(moved_centre - centre).max()))
+        assert farthest > 3
 
 
 def test_style_stills_show_every_colour_and_shape():
