@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -571,6 +572,18 @@ def test_killed_run_resumes_and_reuses_finished_stages(tmp_path):
 def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
     again = stillmoving.main(QUICK, str(tmp_path / "again"), CPU)
     assert again["rows"] == quick_run[1]["rows"]
+
+
+def test_a_stage_made_after_reused_stages_is_the_one_an_uninterrupted_run_makes(quick_run, tmp_path):
+    """The spatial adapters' random init must not depend on whether the motion adapter was trained in this
+    process or reused from disk (it once did: a resumed run got other adapters, and other numbers)."""
+    run, results, _ = quick_run
+    os.makedirs(tmp_path / "ckpt")
+    for name in os.listdir(os.path.join(run.dir, "ckpt")):
+        if not name.startswith("spatial_"):
+            shutil.copy(os.path.join(run.dir, "ckpt", name), tmp_path / "ckpt" / name)
+    torch.randn(7)  # whatever ran before in this process
+    assert stillmoving.main(QUICK, str(tmp_path), CPU)["rows"] == results["rows"]
 
 
 def test_bench_reports_an_mfu_between_zero_and_one():

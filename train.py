@@ -278,6 +278,7 @@ class Run:
             tqdm.write(f"[{name}] reused {path}")
             return state["state"]
         start = time.time()
+        torch.manual_seed(zlib.crc32(f"{self.cfg.seed}/{name}".encode()))  # an adapter's init: the same, resumed or not
         state = make()
         self.seconds[name] = round(time.time() - start, 2)
         lora.save_file({"config": self.signature(), "state": state, "seconds": self.seconds[name]}, path)
