@@ -242,9 +242,8 @@ class Run:
     """A run folder: <out>/ckpt/<stage>.pt per finished stage, samples/, results. Stages are reused."""
 
     def __init__(self, cfg, out, device):
-        self.cfg, self.dir, self.device = cfg, out, device
+        self.cfg, self.dir, self.device, self.seconds = cfg, out, device, {}  # seconds: per stage, made or reused
         self.diffusion = Diffusion(device, cfg.prediction)
-        self.seconds = {}
         try:
             [os.makedirs(os.path.join(out, sub), exist_ok=True) for sub in ("ckpt", "samples")]
         except OSError as e:
