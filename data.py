@@ -196,7 +196,7 @@ def random_batch(rng, n, size, frames, video, device="cpu"):
 def shift(images, rng):
     """Move the shape of each (B, 3, H, W) still to a random place where it stays whole (augmentation), so that
     M1 learns the concept's look rather than where its few stills put it. The roll wraps only the still's own
-    uniform ground around (light or black: black padding once drew stripes that M1 learned as part of the style).
+    ground around, pixels within 0.01 of it (light or black: black padding once drew stripes that M1 learned).
     With shifts of at most 2 px, the style's M1 drew each colour x shape where its one still had it, and the
     videos made with M1 stayed there (README, finding 11)."""
     moved = torch.empty_like(images)
