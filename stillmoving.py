@@ -50,7 +50,7 @@ def train_motion_adapter(run, v):
         videos, tokens = data.random_batch(rng, cfg.video_batch, cfg.size, cfg.frames, True, dev)
         frozen = data.freeze(videos, rng)  # one random frame of each training video, repeated F times
         return run.diffusion.loss(model, frozen, tokens, gen)
-    return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.adapter_lr)
+    return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.motion_lr)
 
 
 def rank_of(state):
@@ -131,7 +131,7 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
             lora.set_scale(model, 0.0)  # prior videos move: the motion adapter is off for them
             total = total + run.diffusion.loss(model, real[j].to(dev), data.tokenize([real_prompts[k] for k in j]).to(dev), gen)
         return total
-    return train_loop(run, f"spatial_{concept}_{variant}", model, params, loss, cfg.spatial_steps, cfg.adapter_lr)
+    return train_loop(run, f"spatial_{concept}_{variant}", model, params, loss, cfg.spatial_steps, cfg.spatial_lr)
 
 
 # ----------------------------------------------------------------------------- the recipe
