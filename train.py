@@ -104,8 +104,7 @@ class Diffusion:
         self.T, self.prediction = T, prediction
         betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)   # beta_t
         alpha_bar = torch.cumprod(1 - betas, dim=0)                      # \bar\alpha_t = prod_s (1 - beta_s)
-        self.betas = betas.float().to(device)
-        self.alpha_bar = alpha_bar.float().to(device)
+        self.betas, self.alpha_bar = betas.float().to(device), alpha_bar.float().to(device)
         self.sqrt_ab = alpha_bar.sqrt().float().to(device)               # \sqrt{\bar\alpha_t}
         self.sqrt_1m_ab = (1 - alpha_bar).sqrt().float().to(device)      # \sqrt{1 - \bar\alpha_t}
 
