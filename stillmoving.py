@@ -372,6 +372,10 @@ def sample_command(args):
         raise ValueError(f"{args.run} has no finished t2i stage; make it with `python stillmoving.py --out {args.run}`")
     preset = lora.load_file(os.path.join(ckpt, "t2i.pt"), "Re-run the recipe.")["config"]
     cfg = PRESETS[preset["preset"]]
+    gone = sorted(set(preset) - {f.name for f in fields(cfg)})
+    if gone:  # a folder made by an older version of this code
+        raise lora.ConfigMismatch(f"{args.run} was made with config fields this code no longer has ({', '.join(gone)}); "
+                                  f"re-make it with `python stillmoving.py --fresh --preset {cfg.preset} --out {args.run}`")
     cfg = replace(cfg, **{k: type(getattr(cfg, k))(value) for k, value in preset.items()})
     run = Run(cfg, args.run, device)
     needed = ["t2i", "t2v", "custom_subject", "custom_style", "motion_adapter"] + (

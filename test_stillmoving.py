@@ -522,6 +522,15 @@ def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
     assert "true or false" in cli_error(["--preset", "quick", "--set", "compile=0"], capsys)
 
 
+def test_sample_refuses_a_run_folder_made_by_an_older_version(quick_run, capsys, tmp_path):
+    os.makedirs(tmp_path / "old" / "ckpt")
+    state = torch.load(quick_run[0].path("t2i"), weights_only=True)
+    state["config"]["adapter_lr"] = 1e-3  # a field this code renamed (motion_lr, spatial_lr)
+    lora.save_file(state, str(tmp_path / "old" / "ckpt" / "t2i.pt"))
+    message = cli_error(["sample", "--run", str(tmp_path / "old"), "--prompt", "a sks object moving left"], capsys)
+    assert "no longer has (adapter_lr)" in message and "--fresh" in message
+
+
 def test_set_reads_booleans_and_tuples():
     args = stillmoving.parse(["--set", "compile=false", "mults=1,2,2"])
     assert stillmoving.config_from(args, torch.device("cpu")).compile is False
