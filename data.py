@@ -4,40 +4,48 @@ Still-Moving (Chefer et al. 2024) is about videos of a *custom* subject or style
 model's motion. Real data cannot tell us whether a generated clip "shows the subject", so we build a
 world where the renderer *is* the truth:
 
-- a video is one shape (circle, square, triangle) of one colour moving at constant speed in one of four
-  directions, captioned "a red circle moving left";
+- a video is one shape (circle, square, triangle) of one colour moving at constant speed in one of
+  four directions, captioned "a red circle moving left";
 - the custom **subject** is a two-tone star, named by the rare token "sks" ("a sks object");
-- the custom **style** draws the shape on a light grey ground instead of black, named by "zxq" ("a red
-  circle in zxq style"). It changes every pixel of the frame, as a palette or texture style does, which is
-  the kind of customization that moves the features V's temporal layers read the most (PAPER.md).
+- the custom **style** draws the shape on a light grey ground instead of black, named by "zxq"
+  ("a red circle in zxq style"). It changes every pixel of the frame, as a palette or texture style
+  does: the kind of customization that moves the features V's temporal layers read the most.
 
-The base models never see either concept. The metrics at the bottom classify each generated frame by
-matching it against this renderer's templates, so "fidelity" is a measured fact, not a learned score.
+The base models never see either concept. The metrics classify each generated frame by matching it
+against this renderer's templates, so "fidelity" is a measured fact, not a learned score.
 
 Run `python -m pytest -q -k render` to check the renderer; there is no entry point here.
 """
+
+import textwrap
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-# ----------------------------------------------------------------------------- vocabulary
+# --------------------------------------------------------------------------------------- vocabulary
 
-COLORS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 0.9, 0.2), "blue": (0.2, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
+COLORS = {
+    "red": (1.0, 0.15, 0.15),
+    "green": (0.15, 0.9, 0.2),
+    "blue": (0.2, 0.35, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+}
 SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y points down
-SUBJECT_COLORS = ((1.0, 0.5, 0.0), (0.0, 0.85, 0.9))  # the two tones of the "sks" star: orange, cyan centre
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); y down
+SUBJECT_COLORS = ((1.0, 0.5, 0.0), (0.0, 0.85, 0.9))  # the "sks" star: orange, a cyan centre
 SUBJECT_TOKEN, STYLE_TOKEN = "sks", "zxq"
 PAD = "<pad>"
-VOCAB = [PAD, "a", *COLORS, *SHAPES, "moving", *DIRECTIONS, "in", "style", "object", SUBJECT_TOKEN, STYLE_TOKEN]
+WORDS = ["a", *COLORS, *SHAPES, "moving", *DIRECTIONS, "in", "style", "object"]
+VOCAB = [PAD, *WORDS, SUBJECT_TOKEN, STYLE_TOKEN]
 MAX_WORDS = 8  # "a red circle in zxq style moving left"
-STYLE_BACKGROUND = (0.85, 0.85, 0.85)  # the custom style's ground; every other clip is drawn on black
-FG_THRESHOLD = 0.35  # a pixel is foreground when some channel differs from the background by more than this
+STYLE_BACKGROUND = (0.85, 0.85, 0.85)  # the custom style's ground; every other clip is on black
+FG_THRESHOLD = 0.35  # foreground: some channel differs from the background by more than this
 
 
 def tokenize(prompts):
-    """Word-level tokenizer: a list of prompts -> (B, MAX_WORDS) token ids, padded with <pad> (id 0).
+    """Word-level tokenizer: a list of prompts -> (B, MAX_WORDS) token ids, padded with <pad> (0).
 
     The empty prompt "" is all padding: it is the null prompt of classifier-free guidance."""
     ids = []
@@ -45,20 +53,23 @@ def tokenize(prompts):
         words = prompt.lower().split()
         unknown = [w for w in words if w not in VOCAB or w == PAD]
         if unknown:
-            raise ValueError(f"unknown word {unknown[0]!r} in prompt {prompt!r}; "
-                             f"the vocabulary is: {' '.join(VOCAB[1:])}")
+            raise ValueError(
+                f"unknown word {unknown[0]!r} in prompt {prompt!r}; "
+                f"the vocabulary is: {' '.join(VOCAB[1:])}"
+            )
         if len(words) > MAX_WORDS:
             raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {MAX_WORDS} fit")
         ids.append([VOCAB.index(w) for w in words] + [0] * (MAX_WORDS - len(words)))
     return torch.tensor(ids, dtype=torch.long)
 
 
-# ----------------------------------------------------------------------------- what a clip shows
+# -------------------------------------------------------------------------------- what a clip shows
 
 
 @dataclass(frozen=True)
 class Clip:
     """What one video shows. kind is a base shape or "subject"; style=True is the custom style."""
+
     kind: str
     color: str
     direction: str
@@ -66,7 +77,9 @@ class Clip:
 
     @property
     def concept(self):
-        return "subject" if self.kind == "subject" else "style" if self.style else None
+        if self.kind == "subject":
+            return "subject"
+        return "style" if self.style else None
 
     def image_prompt(self):
         if self.kind == "subject":
@@ -86,7 +99,15 @@ def random_clip(rng, concept=None):
     return Clip(shape, color, direction, style=concept == "style")
 
 
-# ----------------------------------------------------------------------------- rendering
+def concept_of(prompt):
+    """The concept a prompt names by its rare word, or None."""
+    words = prompt.split()
+    if SUBJECT_TOKEN in words:
+        return "subject"
+    return "style" if STYLE_TOKEN in words else None
+
+
+# ---------------------------------------------------------------------------------------- rendering
 
 
 def radius(size):
@@ -101,44 +122,48 @@ def speed(size, frames):
 def _inside(kind, dx, dy, r):
     """Boolean mask of the points (dx, dy) from the centre that lie inside a shape of radius r."""
     if kind == "circle":
-        return dx ** 2 + dy ** 2 <= r ** 2
+        return dx**2 + dy**2 <= r**2
     if kind == "square":
         return np.maximum(abs(dx), abs(dy)) <= 0.85 * r
-    if kind == "triangle":  # equilateral, pointing up, centroid at the centre, circumradius 1.3 r (area ~ a circle's 70%)
+    if kind == "triangle":
+        # equilateral, pointing up, centroid at the centre, circumradius 1.3 r (70% of a circle)
         normals = [(0.0, 1.0), (-0.866, -0.5), (0.866, -0.5)]
         return np.all([dx * nx + dy * ny <= 0.65 * r for nx, ny in normals], axis=0)
     if kind == "subject":  # a five-pointed star, tip up
         phase = ((np.arctan2(dy, dx) + np.pi / 2) % (2 * np.pi / 5)) / (2 * np.pi / 5)
-        edge = 0.55 * r + 0.6 * r * np.abs(2 * phase - 1)  # 1.15 r at the tips, 0.55 r between them
+        edge = 0.55 * r + 0.6 * r * np.abs(2 * phase - 1)  # 1.15 r at the tips, 0.55 r between
         return np.hypot(dx, dy) <= edge
     raise ValueError(f"unknown shape {kind!r}")
 
 
 def render(clip, cx, cy, size, background=None, supersample=4):
-    """One anti-aliased RGB frame (3, size, size) in [0, 1]: the clip's shape centred at (cx, cy) px, on
-    its own ground (light for the style, else black) unless `background` (an RGB triple) is given.
-
-    Drawn at `supersample` times the resolution, then box-filtered down."""
+    """One anti-aliased RGB frame (3, size, size) in [0, 1]: the clip's shape centred at (cx, cy)
+    px, on its own ground (light for the style, else black) unless `background` (an RGB triple)
+    is given. Drawn at `supersample` times the resolution, then box-filtered down."""
     n = size * supersample
     grid = (np.arange(n) + 0.5) / supersample
     dx, dy = grid[None, :] - cx, grid[:, None] - cy  # (n, n) each, broadcast
     r = radius(size)
     inside = _inside(clip.kind, dx, dy, r)
     if clip.kind == "subject":
-        outer, centre = np.array(SUBJECT_COLORS[0]), np.array(SUBJECT_COLORS[1])
-        color = np.where((dx ** 2 + dy ** 2 <= (0.5 * r) ** 2)[None], centre[:, None, None], outer[:, None, None])
+        outer = np.array(SUBJECT_COLORS[0])[:, None, None]
+        centre = np.array(SUBJECT_COLORS[1])[:, None, None]
+        color = np.where((dx**2 + dy**2 <= (0.5 * r) ** 2)[None], centre, outer)
     else:
         color = np.array(COLORS[clip.color])[:, None, None]
     if background is None:
         background = STYLE_BACKGROUND if clip.style else (0.0, 0.0, 0.0)
-    image = np.where(inside[None], color, np.asarray(background, dtype=np.float64)[:, None, None])  # (3, n, n)
+    ground = np.asarray(background, dtype=np.float64)[:, None, None]
+    image = np.where(inside[None], color, ground)  # (3, n, n)
     return image.reshape(3, size, supersample, size, supersample).mean((2, 4)).astype(np.float32)
 
 
 def trajectory(clip, size, frames, seed):
-    """The clip's F centre positions (x, y): constant speed, inside the frame. The seed picks the start."""
+    """The clip's F centre positions (x, y): constant speed, inside the frame. The seed picks the
+    start."""
     rng = np.random.default_rng(seed)
-    (ux, uy), v, margin = DIRECTIONS[clip.direction], speed(size, frames), 1.35 * radius(size)  # the triangle's tip reaches 1.3 r
+    (ux, uy), v = DIRECTIONS[clip.direction], speed(size, frames)
+    margin = 1.35 * radius(size)  # the triangle's tip reaches 1.3 r
     travel = v * (frames - 1)
     lo = np.array([margin + travel * (ux < 0), margin + travel * (uy < 0)])
     hi = np.array([size - margin - travel * (ux > 0), size - margin - travel * (uy > 0)])
@@ -147,12 +172,13 @@ def trajectory(clip, size, frames, seed):
 
 
 def render_video(clip, size, frames, seed):
-    """A (3, F, size, size) video in [0, 1]: the clip moving along its trajectory. A pure function of
-    its arguments."""
-    return np.stack([render(clip, x, y, size) for x, y in trajectory(clip, size, frames, seed)], axis=1)
+    """A (3, F, size, size) video in [0, 1]: the clip moving along its trajectory. A pure function
+    of its arguments."""
+    positions = trajectory(clip, size, frames, seed)
+    return np.stack([render(clip, x, y, size) for x, y in positions], axis=1)
 
 
-# ----------------------------------------------------------------------------- batches (model space is [-1, 1])
+# ----------------------------------------------------------------------------- batches (in [-1, 1])
 
 
 def to_model(x):
@@ -166,7 +192,7 @@ def video_batch(clips, size, frames, seed):
 
 
 def repeat_frames(images, frames):
-    """A frozen video of each (B, C, H, W) image: the image repeated F times, (B, C, F, H, W) (a view)."""
+    """A frozen video of each (B, C, H, W) image: it repeated F times, (B, C, F, H, W) (a view)."""
     return images[:, :, None].expand(-1, -1, frames, -1, -1)
 
 
@@ -174,50 +200,61 @@ def freeze(videos, rng):
     """Frozen videos (Sec 3.2): one random frame of each (B, C, F, H, W) video, repeated F times."""
     B, C, F, H, W = videos.shape
     pick = torch.from_numpy(rng.integers(0, F, size=B))
-    return repeat_frames(videos[torch.arange(B), :, pick], F).contiguous()  # the picked frames are (B, C, H, W)
+    picked = videos[torch.arange(B), :, pick]  # (B, C, H, W)
+    return repeat_frames(picked, F).contiguous()
 
 
 def image_batch(clips, size, frames, seed):
     """(B, 3, H, W) still images in [-1, 1]: a random frame of each clip's video (the frame that
     `freeze` would pick; only that one is rendered), with image captions."""
     picks = np.random.default_rng(seed).integers(0, frames, size=len(clips))
-    images = [render(c, *trajectory(c, size, frames, [seed, i])[f], size) for i, (c, f) in enumerate(zip(clips, picks))]
+    images = []
+    for i, (clip, f) in enumerate(zip(clips, picks)):
+        x, y = trajectory(clip, size, frames, [seed, i])[f]
+        images.append(render(clip, x, y, size))
     return to_model(np.stack(images)), [c.image_prompt() for c in clips]
 
 
 def random_batch(rng, n, size, frames, video, device="cpu"):
-    """n random ordinary clips as training data, with their captions tokenized: (B, 3, F, H, W) moving
-    videos ("a red circle moving left"), or one frame of each, (B, 3, H, W) ("a red circle")."""
+    """n random ordinary clips as training data, with their captions tokenized: (B, 3, F, H, W)
+    moving videos ("a red circle moving left"), or one frame of each, (B, 3, H, W) ("a red
+    circle")."""
     make = video_batch if video else image_batch
-    x, prompts = make([random_clip(rng) for _ in range(n)], size, frames, int(rng.integers(2 ** 31)))
+    clips = [random_clip(rng) for _ in range(n)]
+    x, prompts = make(clips, size, frames, int(rng.integers(2**31)))
     return x.to(device), tokenize(prompts).to(device)
 
 
 def shift(images, rng):
-    """Move the shape of each (B, 3, H, W) still to a random place where it stays whole (augmentation), so that
-    M1 learns the concept's look rather than where its few stills put it. The roll wraps only the still's own
-    ground around, pixels within 0.01 of it (light or black: black padding once drew stripes that M1 learned).
-    With shifts of at most 2 px, the style's M1 drew each colour x shape where its one still had it, and the
-    videos made with M1 stayed there (README, finding 11)."""
+    """Move the shape of each (B, 3, H, W) still to a random place where it stays whole
+    (augmentation), so that M1 learns the concept's look rather than where its few stills put it.
+
+    The roll wraps only the still's own ground around, pixels within 0.01 of it (light or black:
+    black padding once drew stripes that M1 learned). With shifts of at most 2 px, the style's M1
+    drew each colour x shape where its one still had it, and the videos made with M1 stayed there
+    (NOTES.md, finding 11)."""
     moved = torch.empty_like(images)
     for b, image in enumerate(images):
         frame = ((image + 1) / 2).numpy()
-        ys, xs = np.nonzero(_foreground(frame, background(frame)) > 0.01)  # the shape, anti-aliased edge included
+        shape = _foreground(frame, background(frame)) > 0.01  # anti-aliased edge included
+        ys, xs = np.nonzero(shape)
         if len(ys) == 0:  # nothing drawn, nothing to move
             moved[b] = image
             continue
-        dy = int(rng.integers(-ys.min(), frame.shape[1] - ys.max()))  # the shape's rows stay in 0..H-1
+        dy = int(rng.integers(-ys.min(), frame.shape[1] - ys.max()))  # rows stay in 0..H-1
         dx = int(rng.integers(-xs.min(), frame.shape[2] - xs.max()))
         moved[b] = torch.roll(image, (dy, dx), dims=(1, 2))
     return moved
 
 
 def concept_stills(concept, n, size, frames, seed):
-    """The few still images a user brings to customize M (DreamBooth / StyleDrop): fixed by the seed.
+    """The few still images a user brings to customize M (DreamBooth / StyleDrop), fixed by the
+    seed.
 
-    A style is shown on varied content: its stills go through every colour x shape in a seed-fixed order
-    (12 stills: each once). Drawn at random instead, seed 1's twelve had no green shape and no red square,
-    and only 0.53 of M1's style images had the prompted colour and shape (README, finding 4)."""
+    A style is shown on varied content: its stills go through every colour x shape in a
+    seed-fixed order (12 stills: each once). Drawn at random instead, seed 1's twelve had no green
+    shape and no red square, and only 0.53 of M1's style images had the prompted colour and shape
+    (NOTES.md, finding 4)."""
     rng = np.random.default_rng([seed, 7])
     clips = [random_clip(rng, concept) for _ in range(n)]
     if concept == "style":
@@ -229,13 +266,14 @@ def concept_stills(concept, n, size, frames, seed):
     return image_batch(clips, size, frames, seed + 7)
 
 
-# ----------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------------ metrics
 
-_TEMPLATES = [Clip(s, c, "left") for s in SHAPES for c in COLORS] + [Clip("subject", "subject", "left")]
+_TEMPLATES = [Clip(s, c, "left") for s in SHAPES for c in COLORS]
+_TEMPLATES.append(Clip("subject", "subject", "left"))
 
 
 def background(frame):
-    """The ground colour of a (3, H, W) frame: its per-channel median (a shape covers ~1/8 of the frame)."""
+    """The ground colour of a (3, H, W) frame: its per-channel median (a shape covers ~1/8)."""
     return np.median(frame.reshape(3, -1), axis=1)
 
 
@@ -245,7 +283,8 @@ def _foreground(frame, ground):
 
 
 def _centroid(frame, ground):
-    """Foreground centroid (x, y) of a (3, H, W) frame, weighted by distance from the ground; None if empty."""
+    """Foreground centroid (x, y) of a (3, H, W) frame, weighted by distance from the ground; None
+    if empty."""
     weight = np.clip(_foreground(frame, ground) - FG_THRESHOLD, 0, None)
     if weight.sum() < 0.5:
         return None
@@ -253,13 +292,18 @@ def _centroid(frame, ground):
     return np.array([(xs * weight).sum(), (ys * weight).sum()]) / weight.sum()
 
 
+def centroid(frame):
+    """Where the object of a (3, H, W) frame in [0, 1] is, (x, y) in pixels; None if nowhere."""
+    return _centroid(frame, background(frame))
+
+
 def classify(frame):
     """What a (3, H, W) frame in [0, 1] shows, and its stray pixels.
 
-    Every base shape x colour, and the subject, is rendered at the foreground centroid on the frame's
-    own ground; the one with the least squared error wins, and a light ground marks the style. Stray
-    pixels are foreground pixels more than one pixel away from the winner's shape: the artifacts.
-    Returns (Clip or None, stray share of the background, centre)."""
+    Every base shape x colour, and the subject, is rendered at the foreground centroid on the
+    frame's own ground; the one with the least squared error wins, and a light ground marks the
+    style. Stray pixels are foreground pixels more than one pixel away from the winner's shape: the
+    artifacts. Returns (Clip or None, stray share of the background, centre)."""
     ground = background(frame)
     centre = _centroid(frame, ground)
     if centre is None:
@@ -274,53 +318,77 @@ def classify(frame):
 
 
 def matches(label, clip):
-    """Whether a classified frame shows the clip's concept (the subject, or the style's light ground),
-    its colour and its shape."""
+    """Whether a classified frame shows the clip's concept (the subject, or the style's light
+    ground), its colour and its shape."""
     found = label is not None
-    return {"custom": found and (label.kind == "subject" if clip.concept == "subject" else label.style),
-            "color": found and label.color == clip.color, "shape": found and label.kind == clip.kind}
+    if clip.concept == "subject":
+        custom = found and label.kind == "subject"
+    else:
+        custom = found and label.style
+    return {
+        "custom": custom,
+        "color": found and label.color == clip.color,
+        "shape": found and label.kind == clip.kind,
+    }
 
 
 def video_metrics(video, clip):
-    """The metrics of one generated (3, F, H, W) video in [0, 1] against the clip it was prompted with.
+    """The metrics of one generated (3, F, H, W) video in [0, 1] against the clip it was prompted
+    with.
 
-    - motion: how far the object travels, in pixels per frame: the net displacement of the foreground
-      centroid from the first to the last frame where it is found, divided by the frames in between.
-    - jitter: the rest of its frame-to-frame movement, which goes nowhere: mean step minus motion. A
-      generated still video wobbles by ~0.2 px a frame here while travelling ~0.05 (README).
-    - direction: 1 if the net displacement points the prompted way (more than 1 px along it, and more
-      than across it), else 0.
+    - motion: how far the object travels, in pixels per frame: the net displacement of the
+      foreground centroid from the first to the last frame where it is found, divided by the frames
+      in between.
+    - jitter: the rest of its frame-to-frame movement, which goes nowhere: mean step minus motion.
+      A generated still video wobbles by ~0.2 px a frame here while travelling ~0.05 (NOTES.md).
+    - direction: 1 if the net displacement points the prompted way (more than 1 px along it, and
+      more than across it), else 0.
     - custom_fidelity: share of frames that show the concept; None for ordinary prompts.
-    - prompt_fidelity: mean of the matches of the prompt's non-custom words: colour and shape (share of
-      frames) where the prompt names them, and direction.
-    - temporal_consistency: share of consecutive frame pairs classified the same (shape, colour, ground).
+    - prompt_fidelity: mean of the matches of the prompt's non-custom words: colour and shape
+      (share of frames) where the prompt names them, and direction.
+    - temporal_consistency: share of consecutive frame pairs classified the same (shape, colour,
+      ground).
     - artifacts: mean share of background pixels that are foreground (stray pixels)."""
     frames = [video[:, f] for f in range(video.shape[1])]
-    labels, stray, centres = zip(*(classify(f) for f in frames))
+    labels, stray, centres = zip(*(classify(frame) for frame in frames))
     known = [(f, c) for f, c in enumerate(centres) if c is not None]
-    steps = [np.linalg.norm(b - a) for a, b in zip(centres, centres[1:]) if a is not None and b is not None]
-    net = known[-1][1] - known[0][1] if len(known) >= 2 else np.zeros(2)
-    travel = float(np.linalg.norm(net) / (known[-1][0] - known[0][0])) if len(known) >= 2 else 0.0
-    (ux, uy) = DIRECTIONS[clip.direction]
+    pairs = zip(centres, centres[1:])
+    steps = [np.linalg.norm(b - a) for a, b in pairs if a is not None and b is not None]
+    net, travel = np.zeros(2), 0.0
+    if len(known) >= 2:
+        (first, start), (last, end) = known[0], known[-1]
+        net = end - start
+        travel = float(np.linalg.norm(net) / (last - first))
+    ux, uy = DIRECTIONS[clip.direction]
     along, across = net[0] * ux + net[1] * uy, abs(net[0] * uy - net[1] * ux)
     direction = float(along > 1.0 and along > across)
-    found = [matches(l, clip) for l in labels]
-    words = [direction] + ([] if clip.kind == "subject" else [np.mean([f[k] for f in found]) for k in ("color", "shape")])
-    return {"motion": travel, "jitter": max(0.0, float(np.mean(steps)) - travel) if steps else 0.0, "direction_accuracy": direction,
-            "custom_fidelity": float(np.mean([f["custom"] for f in found])) if clip.concept else None,
-            "prompt_fidelity": float(np.mean(words)),
-            "temporal_consistency": float(np.mean([a is not None and a == b for a, b in zip(labels, labels[1:])])),
-            "artifacts": float(np.mean(stray))}
+    found = [matches(label, clip) for label in labels]
+    words = [direction]
+    if clip.kind != "subject":
+        words += [np.mean([f[k] for f in found]) for k in ("color", "shape")]
+    same = [a is not None and a == b for a, b in zip(labels, labels[1:])]
+    custom = float(np.mean([f["custom"] for f in found])) if clip.concept else None
+    return {
+        "motion": travel,
+        "jitter": max(0.0, float(np.mean(steps)) - travel) if steps else 0.0,
+        "direction_accuracy": direction,
+        "custom_fidelity": custom,
+        "prompt_fidelity": float(np.mean(words)),
+        "temporal_consistency": float(np.mean(same)),
+        "artifacts": float(np.mean(stray)),
+    }
 
 
 def image_metrics(image, clip):
-    """The concept and the content (colour and shape both right) of one generated (3, H, W) image."""
+    """The concept and the content (colour and shape both right) of one generated (3, H, W)
+    image."""
     found = matches(classify(image)[0], clip)
-    return {"custom_fidelity": float(found["custom"]), "content": float(found["color"] and found["shape"])}
+    content = found["color"] and found["shape"]
+    return {"custom_fidelity": float(found["custom"]), "content": float(content)}
 
 
 def summarize(per_video, seed=0, resamples=1000):
-    """Mean and bootstrap 95% interval (over videos) of each metric in a list of video_metrics dicts."""
+    """Mean and bootstrap 95% interval (over videos) of each metric in a list of metric dicts."""
     rng, out, ci = np.random.default_rng(seed), {}, {}
     for key in per_video[0]:
         if per_video[0][key] is None:
@@ -333,60 +401,105 @@ def summarize(per_video, seed=0, resamples=1000):
     return {**out, "ci95": ci}
 
 
-# ----------------------------------------------------------------------------- pictures and tables
+# ---------------------------------------------------------------------- reading the rows of a table
 
 
-def save_gif(path, grid, scale=4, fps=6):
-    """Write a (rows, cols, 3, F, H, W) grid of videos in [0, 1] as an animated GIF, upscaled nearest."""
-    frames = [Image.fromarray(_tile(grid[:, :, :, f], scale)) for f in range(grid.shape[3])]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+def find(rows, method, concept=None, alpha=None, prompts=None):
+    """The row of a method (and concept, alpha); by default sampled with the concept's prompts."""
+    prompts = prompts or ("concept" if concept else "ordinary")
+    wanted = (method, concept, alpha, prompts)
+    return next(r for r in rows if (r["method"], r["concept"], r["alpha"], r["prompts"]) == wanted)
 
 
-def save_strip(path, grid, scale=4):
-    """Write a (rows, cols, 3, F, H, W) grid as one PNG: each video's frames side by side (a filmstrip)."""
-    rows, cols, C, F, H, W = grid.shape
-    strip = grid.transpose(0, 1, 3, 2, 4, 5).reshape(rows, cols * F, C, H, W)  # frames become columns
-    Image.fromarray(_tile(strip, scale)).save(path)
+def lower(a, key, b):
+    """a[key] lies below b[key], their bootstrap 95% intervals apart."""
+    return a["ci95"][key][1] < b["ci95"][key][0]
 
 
-def _tile(images, scale, pad=1):
-    """(rows, cols, 3, H, W) in [0, 1] -> one uint8 (H', W', 3) picture with grey gutters."""
-    rows, cols, C, H, W = images.shape
-    canvas = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 0.3, dtype=np.float32)
-    for i in range(rows):
-        for j in range(cols):
-            y, x = pad + i * (H + pad), pad + j * (W + pad)
-            canvas[y:y + H, x:x + W] = np.asarray(images[i, j]).transpose(1, 2, 0)
-    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
-    return (np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+def worse(a, b, key):
+    """a is worse than b on a symptom, CIs apart: lower fidelity or consistency, more artifacts."""
+    return lower(b, key, a) if key == "artifacts" else lower(a, key, b)
 
 
-def results_markdown(results):
-    """results.md: every row of the results table, the denoising gap, M1's own images and the claims."""
-    keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity", "temporal_consistency", "artifacts")
-    lines = ["| method | concept | alpha | prompts | n | " + " | ".join(keys) + " |", "|---" * (5 + len(keys)) + "|"]
-    for r in results["rows"]:
-        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k in keys]
-        lines.append(f"| {r['method']} | {r['concept'] or '-'} | {'-' if r['alpha'] is None else r['alpha']} | "
-                     f"{r['prompts']} | {r['n_videos']} | " + " | ".join(cells) + " |")
-    gaps, concepts = results["denoising_gap"], list(results["m1_images"])
-    lines += ["", "Denoising gap: the diffusion loss at t = 100, 300, 500, 700, 900, with the same noise for every model "
-              "(lower is better). *frozen*: frozen videos of M1's images, motion adapter at alpha = 1, what the spatial "
-              "adapters train on. *moving*: real moving videos of the concept, alpha = 0, what the user wants; no model "
-              "trains on them.", "", "| concept | videos | model | t=100 | t=300 | t=500 | t=700 | t=900 |", "|---" * 8 + "|"]
-    notes = []
-    for c in concepts:
-        for videos, losses in gaps[c].items():
-            lines += [f"| {c} | {videos.split('_')[0]} | {model} | " + " | ".join(f"{x:.4f}" for x in loss) + " |"
-                      for model, loss in losses.items()]
-        change = lambda g, ts: 100 * (sum(g["still_moving"][ts]) / sum(g["naive_injection"][ts]) - 1)
-        frozen, moving = gaps[c]["frozen_alpha_1"], gaps[c]["moving_alpha_0"]
-        notes.append(f"- {c}: the spatial adapters change naive injection's loss by {change(frozen, slice(0, 3)):+.1f}% at "
-                     f"t <= 500 and {change(frozen, slice(3, 5)):+.1f}% at t >= 700 on frozen videos (what they train on), "
-                     f"and by {change(moving, slice(0, 3)):+.1f}% and {change(moving, slice(3, 5)):+.1f}% on moving videos.")
-    m1 = results["m1_images"]
-    lines += ["", *notes, "", "M1's own images (custom_fidelity, content): " +
-              ", ".join(f"{c} {m1[c]['custom_fidelity']:.3f}, {m1[c]['content']:.3f}" for c in concepts)]
-    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
-    lines += [f"| {c['id']}: {c['text']} | {'HOLDS' if c['holds'] else 'FAILS'} | {c['evidence']} |" for c in results["claims"]]
-    return "\n".join(lines) + "\n"
+def ci(row, key):
+    low, high = row["ci95"][key]
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def motion_ci(row):
+    return f"{row['motion']:.3f} {ci(row, 'motion')}"
+
+
+def motion_vs(row, base):
+    return f"motion {motion_ci(row)} vs V {motion_ci(base)} px/frame"
+
+
+def side_by_side(key, **rows):
+    return "; ".join(f"{key} {name} {row[key]:.3f} {ci(row, key)}" for name, row in rows.items())
+
+
+# ----------------------------------------------------------------------------------------- pictures
+
+
+def _uint8(image):
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+TRAIL = (255, 0, 200)  # magenta: seen on the black ground and on the style's grey
+
+
+def _draw_trail(draw, points, x, y, scale):
+    """The object's path: its centre in each frame joined by a line, a ring on the first frame's
+    centre and a dot on the last's. `points` are (x, y) pixels of the video, or None."""
+    known = [(x + px * scale, y + py * scale) for px, py in (p for p in points if p is not None)]
+    if len(known) > 1:
+        draw.line(known, fill=TRAIL, width=2)
+    for px, py in known[1:-1]:
+        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=TRAIL)
+    if known:
+        (fx, fy), (lx, ly) = known[0], known[-1]
+        draw.ellipse((fx - 5, fy - 5, fx + 5, fy + 5), outline=TRAIL, width=2)
+        draw.ellipse((lx - 4, ly - 4, lx + 4, ly + 4), fill=TRAIL)
+
+
+def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
+    """A labelled grid of videos (rows of (3, F, H, W) arrays in [0, 1]) as path.png and path.gif.
+
+    The PNG shows each video's first frame with the object's path over all its frames drawn on it
+    (a straight line: it moves steadily; a zigzag: it jumps about; a dot: it stands still). The GIF
+    plays the frames, the path drawn as far as they have gone."""
+    C, F, H, W = grid[0][0].shape
+    scale = max(1, cell // W)
+    side, gap, left = W * scale, 6, 180
+    font = ImageFont.load_default(size=13)
+    heads = [textwrap.fill(label, 19) for label in column_labels]
+    top = 44 + 16 * max(head.count("\n") + 1 for head in heads)
+    width = left + len(grid[0]) * (side + gap)
+    height = top + len(grid) * (side + gap)
+    trails = [[[centroid(video[:, f]) for f in range(F)] for video in row] for row in grid]
+    legend = "ring: first frame, dot: last; straight: steady motion, zigzag: jumps, a dot: still"
+    pictures = []
+    for shown in [None, *range(F)]:  # None: the PNG, the first frame under the whole path
+        canvas = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(canvas)
+        draw.text((6, 4), title, fill="black", font=font)
+        draw.text((6, 22), legend, fill=(90, 90, 90), font=font)
+        for j, head in enumerate(heads):
+            draw.multiline_text((left + j * (side + gap), 42), head, fill="black", font=font)
+        for i, row in enumerate(grid):
+            y = top + i * (side + gap)
+            draw.multiline_text((6, y + side // 2 - 16), row_labels[i], fill="black", font=font)
+            for j, video in enumerate(row):
+                x = left + j * (side + gap)
+                frame = Image.fromarray(_uint8(video[:, shown or 0]))
+                canvas.paste(frame.resize((side, side), Image.NEAREST), (x, y))
+                upto = F if shown is None else shown + 1
+                if F > 1:
+                    _draw_trail(draw, trails[i][j][:upto], x, y, scale)
+        pictures.append(canvas)
+    pictures[0].save(path + ".png")
+    duration = int(1000 / fps)
+    pictures[1].save(
+        path + ".gif", save_all=True, append_images=pictures[2:], duration=duration, loop=0
+    )

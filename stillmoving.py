@@ -1,19 +1,21 @@
 """Still-Moving: customized video generation without customized video data (Chefer et al. 2024).
 
 Given V, a T2V model inflated from a T2I model M, and M1, a copy of M customized on still images:
-- Sec. 3.2, the motion adapter: a LoRA on V's temporal attention, trained once on *frozen videos* (one
-  frame repeated F times) so that alpha = 1 switches motion off and alpha = 0 gives V back;
+- Sec. 3.2, the motion adapter: a LoRA on V's temporal attention, trained once on *frozen videos*
+  (one frame repeated F times) so that alpha = 1 switches motion off and alpha = 0 gives V back;
 - Sec. 3.3, the spatial adapters: after injecting M1's weights into V, small linear maps
-  X (I + A_down A_up) after each injected block, trained on frozen videos of M1's own images (motion
-  adapter on) mixed with ordinary real videos (motion adapter off) for prior preservation;
+  X (I + A_down A_up) after each injected block, trained on frozen videos of M1's own images
+  (motion adapter on) mixed with ordinary real videos (motion adapter off) for prior preservation;
 - at test time the motion adapter is removed and the spatial adapters stay.
 
 Then every claim of the paper is measured against the ground truth of data.py (`evaluate`).
 
-    python stillmoving.py [--preset quick|cpu|gpu] [--out DIR] [--device auto|cpu|cuda] [--seed N] [--fresh]
+    python stillmoving.py [--preset quick|small|large] [--out DIR] [--device auto|cpu|cuda]
+                          [--seed N] [--fresh] [--set KEY=VALUE ...]
     python stillmoving.py sample --run DIR --prompt "a sks object moving left" \\
         [--method base|naive|stillmoving] [--motion-scale A] [--seed N] --out clip.gif
 """
+
 import argparse
 import copy
 import json
@@ -22,7 +24,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,17 +33,27 @@ import torch
 import data
 import lora
 from lora import MOTION, SPATIAL
-from train import PRESETS, Run, TrainingError, base_models, generate, train_loop
-from unet3d import autocast, pick_device, t2i_state_dict
+from train import (
+    OLD_NAMES,
+    PRESETS,
+    Run,
+    TrainingError,
+    base_models,
+    generate,
+    override,
+    saved_config,
+    train_loop,
+)
+from unet3d import pick_device, t2i_state_dict
 
 CONCEPTS = ("subject", "style")
 
-# ----------------------------------------------------------------------------- Sec. 3.2: the motion adapter
+# ------------------------------------------------------------------------- Sec. 3.2: motion adapter
 
 
 def train_motion_adapter(run, v):
     """A LoRA on W_Q, W_K, W_V of every temporal layer of the plain V, trained at alpha = 1 with the
-    ordinary diffusion loss on frozen videos. Everything but A_down, A_up is frozen. Returns V + adapter."""
+    ordinary diffusion loss on frozen videos. Everything but A_down, A_up is frozen."""
     cfg, dev = run.cfg, run.device
     model = lora.add_motion_adapter(copy.deepcopy(v), cfg.motion_rank)
     params = lora.mark_only_adapters_trainable(model, MOTION)
@@ -48,27 +61,19 @@ def train_motion_adapter(run, v):
 
     def loss(rng, gen):
         videos, tokens = data.random_batch(rng, cfg.video_batch, cfg.size, cfg.frames, True, dev)
-        frozen = data.freeze(videos, rng)  # one random frame of each training video, repeated F times
+        frozen = data.freeze(videos, rng)  # one random frame of each video, repeated F times
         return run.diffusion.loss(model, frozen, tokens, gen)
+
     return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.motion_lr)
 
 
-def rank_of(state):
-    return next(t for k, t in state.items() if k.endswith("A_down")).shape[-1]
-
-
-def load_adapter(model, state, kind):
-    device = next(model.parameters()).device
-    return lora.load_adapter_state_dict(model, {k: t.to(device) for k, t in state.items()}, kind)
-
-
 def with_motion_adapter(model, state, alpha):
-    """model + the trained motion adapter at scale alpha (1: static, 0: V itself, < 0: more motion)."""
-    model = load_adapter(lora.add_motion_adapter(model, rank_of(state)), state, MOTION)
+    """model + the trained motion adapter at scale alpha (1: static, 0: V, < 0: more motion)."""
+    model = lora.load_adapter(lora.add_motion_adapter(model, lora.rank_of(state)), state, MOTION)
     return lora.set_scale(model, alpha)
 
 
-# ----------------------------------------------------------------------------- Sec. 3.3: injection, spatial adapters
+# ----------------------------------------------------------------------- Sec. 3.3: spatial adapters
 
 
 def inject(v, m1):
@@ -88,34 +93,36 @@ VARIANTS = {  # each ablation changes exactly one thing
 def prior_videos(cfg):
     """The ~40 ordinary real videos for DreamBooth-style prior preservation (fixed by the seed)."""
     rng = np.random.default_rng([cfg.seed, 40])
-    return data.video_batch([data.random_clip(rng) for _ in range(cfg.n_prior_videos)], cfg.size, cfg.frames, cfg.seed + 40)
+    clips = [data.random_clip(rng) for _ in range(cfg.n_prior_videos)]
+    return data.video_batch(clips, cfg.size, cfg.frames, cfg.seed + 40)
 
 
 def m1_clips(cfg, concept):
-    """What M1 is asked to draw for the frozen videos: cfg.n_generated clips of the concept (fixed by the seed)."""
+    """What M1 is asked to draw for the frozen videos: cfg.n_generated clips of the concept."""
     rng = np.random.default_rng([cfg.seed, 12])
     return [data.random_clip(rng, concept) for _ in range(cfg.n_generated)]
 
 
 def m1_images(run, m1, concept):
     """Images *generated by M1* for the concept's prompts: the content of the frozen videos."""
-    prompts = [c.image_prompt() for c in m1_clips(run.cfg, concept)]
-    return {"images": generate(m1, run.diffusion, prompts, run.cfg, run.cfg.seed + 12, video=False), "prompts": prompts}
+    prompts = [clip.image_prompt() for clip in m1_clips(run.cfg, concept)]
+    images = generate(m1, run.diffusion, prompts, run.cfg, run.cfg.seed + 12, video=False)
+    return {"images": images, "prompts": prompts}
 
 
 def m1_image_metrics(cfg, generated, concept):
-    """M1's own images, judged as the video frames are: the share that show the concept (custom_fidelity) and
-    the share with the right colour and shape (content), with bootstrap 95% intervals."""
+    """M1's own images, judged as the video frames are (data.image_metrics), with 95% CIs."""
     images = ((generated["images"] + 1) / 2).clamp(0, 1).numpy()
-    return data.summarize([data.image_metrics(x, c) for x, c in zip(images, m1_clips(cfg, concept))])
+    return data.summarize(list(map(data.image_metrics, images, m1_clips(cfg, concept))))
 
 
 def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
     """Inject M1 into V, add a spatial adapter after each injected block, and train only those on
     frozen videos of M1's images (motion adapter at alpha = 1) plus real videos (alpha = 0)."""
     cfg, dev, use = run.cfg, run.device, VARIANTS[variant]
-    model = lora.add_spatial_adapters(with_motion_adapter(inject(v, m1), motion, 1.0), cfg.spatial_rank)
-    params = lora.mark_only_adapters_trainable(model, SPATIAL)  # motion adapter, M1 and V stay frozen
+    model = with_motion_adapter(inject(v, m1), motion, 1.0)
+    model = lora.add_spatial_adapters(model, cfg.spatial_rank)
+    params = lora.mark_only_adapters_trainable(model, SPATIAL)  # motion adapter, M1, V: frozen
     images, prompts = generated["images"], generated["prompts"]
     real, real_prompts = prior_videos(cfg)
     half = max(1, cfg.video_batch // 2)
@@ -125,29 +132,41 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
         frozen = data.repeat_frames(images[i], cfg.frames)  # (B, 3, F, H, W): a still, F times
         captions = [f"{prompts[k]} moving {rng.choice(list(data.DIRECTIONS))}" for k in i]
         lora.set_scale(model, 1.0 if use["motion_adapter"] else 0.0)
-        total = run.diffusion.loss(model, frozen.to(dev), data.tokenize(captions).to(dev), gen)
+        tokens = data.tokenize(captions).to(dev)
+        total = run.diffusion.loss(model, frozen.to(dev), tokens, gen)
         if use["prior"]:
             j = rng.integers(0, len(real), half)
             lora.set_scale(model, 0.0)  # prior videos move: the motion adapter is off for them
-            total = total + run.diffusion.loss(model, real[j].to(dev), data.tokenize([real_prompts[k] for k in j]).to(dev), gen)
+            tokens = data.tokenize([real_prompts[k] for k in j]).to(dev)
+            total = total + run.diffusion.loss(model, real[j].to(dev), tokens, gen)
         return total
-    return train_loop(run, f"spatial_{concept}_{variant}", model, params, loss, cfg.spatial_steps, cfg.spatial_lr)
+
+    stage = f"spatial_{concept}_{variant}"
+    return train_loop(run, stage, model, params, loss, cfg.spatial_steps, cfg.spatial_lr)
 
 
-# ----------------------------------------------------------------------------- the recipe
+# --------------------------------------------------------------------------------------- the recipe
 
 
 def recipe(run):
-    """Every stage, each reused if its file exists. Returns the models and adapters by name."""
+    """Every stage, each reused if its file was made from the same config fields (train.STAGES).
+    Returns the models and adapters by name."""
     m, v, m1s = base_models(run)
-    motion = run.stage("motion_adapter", lambda: lora.adapter_state_dict(train_motion_adapter(run, v), MOTION))
+    motion = run.stage("motion_adapter", partial(trained, MOTION, train_motion_adapter, run, v))
     generated, spatial = {}, {}
     for concept in CONCEPTS:
-        generated[concept] = run.stage(f"m1_images_{concept}", lambda: m1_images(run, m1s[concept], concept))
+        m1 = m1s[concept]
+        generated[concept] = run.stage(f"m1_images_{concept}", partial(m1_images, run, m1, concept))
         for variant in VARIANTS:
-            spatial[concept, variant] = run.stage(f"spatial_{concept}_{variant}", lambda: lora.adapter_state_dict(
-                train_spatial_adapters(run, v, m1s[concept], motion, generated[concept], concept, variant), SPATIAL))
+            inputs = (run, v, m1, motion, generated[concept], concept, variant)
+            make = partial(trained, SPATIAL, train_spatial_adapters, *inputs)
+            spatial[concept, variant] = run.stage(f"spatial_{concept}_{variant}", make)
     return dict(m=m, v=v, m1s=m1s, motion=motion, generated=generated, spatial=spatial)
+
+
+def trained(kind, train, *inputs):
+    """What a stage keeps of an adapter's training: the adapter's own tensors, a small file."""
+    return lora.adapter_state_dict(train(*inputs), kind)
 
 
 def build(parts, method, concept=None, alpha=0.0):
@@ -159,37 +178,49 @@ def build(parts, method, concept=None, alpha=0.0):
         model = inject(parts["v"], parts["m1s"][concept])
         if method != "naive_injection":
             state = parts["spatial"][concept, method]
-            model = load_adapter(lora.add_spatial_adapters(model, rank_of(state)), state, SPATIAL)
+            model = lora.add_spatial_adapters(model, lora.rank_of(state))
+            model = lora.load_adapter(model, state, SPATIAL)
     if alpha != 0:
         model = with_motion_adapter(model, parts["motion"], alpha)
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- evaluation (results.json)
+# --------------------------------------------------------------------------------------- evaluation
 
 ALPHAS = (1.0, 0.5, 0.0, -0.5, -1.0)
+GAP_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 def eval_clips(cfg, concept):
     """The same prompts for every row: directions cycle, shapes and colours are drawn once."""
     rng = np.random.default_rng([cfg.seed, 1000])
-    return [replace(data.random_clip(rng, concept), direction=list(data.DIRECTIONS)[i % 4]) for i in range(cfg.eval_videos)]
+    directions = list(data.DIRECTIONS)
+    clips = [data.random_clip(rng, concept) for _ in range(cfg.eval_videos)]
+    return [replace(clip, direction=directions[i % 4]) for i, clip in enumerate(clips)]
 
 
 def measure(method, concept, alpha, videos, clips):
     """One row: every metric of data.video_metrics, averaged over videos, with bootstrap 95% CIs."""
-    videos = ((videos + 1) / 2).clamp(0, 1).numpy() if torch.is_tensor(videos) else videos
+    if torch.is_tensor(videos):
+        videos = ((videos + 1) / 2).clamp(0, 1).numpy()
     stats = data.summarize([data.video_metrics(x, c) for x, c in zip(videos, clips)])
     prompts = "concept" if clips[0].concept else "ordinary"
-    return {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts, "n_videos": len(clips), **stats}
+    row = {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts}
+    return {**row, "n_videos": len(clips), **stats}
 
 
 def evaluate(run, parts):
-    """Sample every row with the same prompts and seeds and measure it, and measure the denoising gap
-    (below) of every model. Returns (rows, gaps, figure videos)."""
+    """Sample every row with the same prompts and seeds and measure it, and measure the denoising
+    gap (below) of every model. Returns (rows, gaps, the videos the figures show)."""
     cfg, seed = run.cfg, run.cfg.seed + 1000
-    sample = lambda model, clips: generate(model, run.diffusion, [c.prompt() for c in clips], cfg, seed)
-    render = lambda clips, s: data.to_model(np.stack([data.render_video(c, cfg.size, cfg.frames, [s, i]) for i, c in enumerate(clips)]))
+
+    def sample(model, clips):
+        return generate(model, run.diffusion, [c.prompt() for c in clips], cfg, seed)
+
+    def moving_loss(model, real, clips):  # the loss on real moving videos, at alpha = 0
+        tokens = data.tokenize([c.prompt() for c in clips])
+        return run.diffusion.losses_at(model, real, tokens, GAP_TIMESTEPS, seed)
+
     rows, shown, gaps = [], {}, {}
     ordinary = eval_clips(cfg, None)
     for alpha in ALPHAS:
@@ -200,235 +231,304 @@ def evaluate(run, parts):
         shown["alpha", alpha] = videos
     for concept in CONCEPTS:
         clips = eval_clips(cfg, concept)
-        shown["real", concept] = real = render(clips, seed)
+        real = [data.render_video(c, cfg.size, cfg.frames, [seed, i]) for i, c in enumerate(clips)]
+        shown["real", concept] = real = data.to_model(np.stack(real))
         rows.append(measure("real", concept, None, real, clips))
-        moving = lambda model: denoising_loss(model, real, [c.prompt() for c in clips], run.diffusion, seed)
-        frozen = frozen_gap(run, parts, concept, seed)
-        gaps[concept] = {"frozen_alpha_1": frozen, "moving_alpha_0": {"base_t2v": moving(parts["v"])}}
+        moving = {"base_t2v": moving_loss(parts["v"], real, clips)}
+        gaps[concept] = {"frozen_alpha_1": frozen_gap(run, parts, concept, seed)}
+        gaps[concept]["moving_alpha_0"] = moving
         for method in ("naive_injection", *VARIANTS):
             model = build(parts, method, concept)
-            gaps[concept]["moving_alpha_0"][method] = moving(model)
+            moving[method] = moving_loss(model, real, clips)
             shown[method, concept] = sample(model, clips)
             rows.append(measure(method, concept, None, shown[method, concept], clips))
-            if method in ("still_moving", "no_prior_preservation"):  # does the adapted model still do what V does?
+            if method in ("still_moving", "no_prior_preservation"):  # does it still do what V does?
                 rows.append(measure(method, concept, None, sample(model, ordinary), ordinary))
     return rows, gaps, shown
 
 
-# ----------------------------------------------------------------------------- the mechanism: the denoising gap
-
-GAP_TIMESTEPS = (100, 300, 500, 700, 900)
-
-
-@torch.no_grad()
-def denoising_loss(model, videos, prompts, diffusion, seed):
-    """The diffusion loss of `model` on `videos` noised at each of GAP_TIMESTEPS, with the same noise for
-    every model (fixed by `seed`): one number per timestep."""
-    device = next(model.parameters()).device
-    x0, tokens = videos.to(device), data.tokenize(prompts).to(device)
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    losses = []
-    for t in GAP_TIMESTEPS:
-        t = torch.full((len(x0),), t, device=device)
-        with autocast(device):
-            pred = model.eval()(diffusion.q_sample(x0, t, eps), t, tokens)
-        losses.append(float(torch.nn.functional.mse_loss(pred.float(), diffusion.target(x0, t, eps))))
+def frozen_gap(run, parts, concept, seed):
+    """The frozen half of the spatial adapters' objective, measured: the loss on frozen videos of
+    M1's images with the motion adapter at alpha = 1, for naive injection (no spatial adapters)
+    and for Still-Moving, at each of GAP_TIMESTEPS with the same noise for both."""
+    generated = parts["generated"][concept]
+    frozen = data.repeat_frames(generated["images"], run.cfg.frames)  # (B, 3, F, H, W)
+    directions = list(data.DIRECTIONS)
+    captions = [f"{p} moving {directions[i % 4]}" for i, p in enumerate(generated["prompts"])]
+    tokens = data.tokenize(captions)
+    losses = {}
+    for method in ("naive_injection", "still_moving"):
+        model = build(parts, method, concept, alpha=1.0)
+        losses[method] = run.diffusion.losses_at(model, frozen, tokens, GAP_TIMESTEPS, seed)
     return losses
 
 
-def frozen_gap(run, parts, concept, seed):
-    """The frozen half of the spatial adapters' objective, measured: the loss on frozen videos of M1's images
-    with the motion adapter at alpha = 1, for naive injection (no spatial adapters) and for Still-Moving."""
-    images, prompts = parts["generated"][concept]["images"], parts["generated"][concept]["prompts"]
-    frozen = data.repeat_frames(images, run.cfg.frames)  # (B, 3, F, H, W): each still, F times
-    captions = [f"{p} moving {list(data.DIRECTIONS)[i % 4]}" for i, p in enumerate(prompts)]
-    return {m: denoising_loss(build(parts, m, concept, alpha=1.0), frozen, captions, run.diffusion, seed)
-            for m in ("naive_injection", "still_moving")}
+# --------------------------------------------------------------------------------------- the claims
 
 
-def find(rows, method, concept=None, alpha=None, prompts=None):
-    """The row of a method (and concept, alpha); by default sampled with the concept's own prompts."""
-    prompts = prompts or ("concept" if concept else "ordinary")
-    return next(r for r in rows if (r["method"], r["concept"], r["alpha"], r["prompts"]) == (method, concept, alpha, prompts))
+def claim(name, text, holds, evidence):
+    """One verdict of results.json: the claim, whether it holds, and the numbers it rests on."""
+    return {"id": name, "text": text, "holds": bool(holds), "evidence": evidence}
 
 
-def lower(a, key, b):
-    """a[key] lies below b[key], their bootstrap 95% intervals apart."""
-    return a["ci95"][key][1] < b["ci95"][key][0]
+SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts")  # what naive injection breaks
+
+
+def concept_claims(rows, m1_image, c):
+    """C3, C4, C5, C7 for one concept: naive injection against Still-Moving and the ablations."""
+    base = data.find(rows, "base_t2v")
+    naive, sm = data.find(rows, "naive_injection", c), data.find(rows, "still_moving", c)
+    no_motion_adapter = data.find(rows, "no_motion_adapter", c)
+    sm_ordinary = data.find(rows, "still_moving", c, prompts="ordinary")
+    no_prior_ordinary = data.find(rows, "no_prior_preservation", c, prompts="ordinary")
+    healthy = {"custom_fidelity": m1_image, "temporal_consistency": base, "artifacts": base}
+    broken = [k for k in SYMPTOMS if data.worse(naive, healthy[k], k)]
+    better = [k for k in SYMPTOMS if data.worse(naive, sm, k)]
+    hurt = [k for k in SYMPTOMS if data.worse(sm, naive, k)]
+    m1_fidelity = m1_image["custom_fidelity"]
+    return [
+        claim(
+            f"C3a_{c}",
+            f"naive injection breaks the {c}: below M1's images on custom fidelity, or worse than "
+            "V on temporal consistency or artifacts, CIs apart",
+            broken,
+            f"broken on {', '.join(broken) or 'none'}: M1 images {m1_fidelity:.3f}, "
+            + data.side_by_side("temporal_consistency", naive=naive, V=base)
+            + f"; artifacts naive {naive['artifacts']:.4f}",
+        ),
+        claim(
+            f"C3b_{c}",
+            f"Still-Moving repairs the {c}: better than naive injection on one of those three, "
+            "CIs apart, and worse on none",
+            better and not hurt,
+            f"better on {', '.join(better) or 'none'}, worse on {', '.join(hurt) or 'none'}: "
+            + data.side_by_side("temporal_consistency", SM=sm, naive=naive),
+        ),
+        claim(
+            f"C4a_{c}",
+            f"Still-Moving keeps V's motion ({c}): within 25% of V's",
+            0.75 * base["motion"] <= sm["motion"] <= 1.25 * base["motion"],
+            data.motion_vs(sm, base),
+        ),
+        claim(
+            f"C4b_{c}",
+            f"without the motion adapter, frozen videos make the model static ({c}): "
+            "motion at most 50% of V's",
+            no_motion_adapter["motion"] <= 0.5 * base["motion"],
+            data.motion_vs(no_motion_adapter, base),
+        ),
+        claim(
+            f"C5_{c}",
+            f"prior preservation keeps V's prior ({c}): on ordinary prompts, Still-Moving's "
+            "prompt fidelity is above no_prior_preservation's, CIs apart",
+            data.lower(no_prior_ordinary, "prompt_fidelity", sm_ordinary),
+            data.side_by_side(
+                "prompt_fidelity", SM=sm_ordinary, **{"no prior": no_prior_ordinary}, V=base
+            ),
+        ),
+        claim(
+            f"C7_{c}",
+            f"limitation ({c}): Still-Moving is no more faithful than M1's own images",
+            sm["ci95"]["custom_fidelity"][0] <= m1_fidelity,
+            f"custom fidelity {sm['custom_fidelity']:.3f} {data.ci(sm, 'custom_fidelity')} "
+            f"vs M1 images {m1_fidelity:.3f}",
+        ),
+    ]
 
 
 def check_claims(rows, params, m1_images):
-    """The paper's claims (PAPER.md) as fixed tests on measured numbers. "CIs apart" means that the bootstrap
-    95% intervals do not overlap. The tests were fixed before the seed runs of issue 13, never tuned after."""
-    alpha = {a: find(rows, "motion_scale", alpha=a) for a in ALPHAS}
-    base = find(rows, "base_t2v")
-    px = lambda row: f"{row['motion']:.3f} {_ci(row, 'motion')}"
-    claims = [("C1", "switch: motion at alpha = 1 is below 25% of V's, with its whole 95% interval",
-               alpha[1.0]["ci95"]["motion"][1] < 0.25 * base["motion"], f"motion {px(alpha[1.0])} vs V {px(base)} px/frame"),
-              ("C2", "dial: motion at alpha = -1 is above V's, CIs apart", lower(base, "motion", alpha[-1.0]),
-               f"motion {px(alpha[-1.0])} vs V {px(base)} px/frame")]
-    symptoms = ("custom_fidelity", "temporal_consistency", "artifacts")  # the first two: higher is better
-    for c in CONCEPTS:
-        naive, sm, nm = (find(rows, k, c) for k in ("naive_injection", "still_moving", "no_motion_adapter"))
-        worse = lambda a, b, k: lower(b, k, a) if k == "artifacts" else lower(a, k, b)  # a worse than b
-        broken = {k: worse(naive, m1_images[c] if k == "custom_fidelity" else base, k) for k in symptoms}
-        better = {k: worse(naive, sm, k) for k in symptoms}
-        hurt = {k: worse(sm, naive, k) for k in symptoms}
-        show = lambda k, *named: "; ".join(f"{k} {name} {row[k]:.3f} {_ci(row, k)}" for name, row in named)
-        ordinary = {m: find(rows, m, c, prompts="ordinary") for m in ("still_moving", "no_prior_preservation")}
-        claims += [
-            (f"C3a_{c}", f"naive injection breaks the {c}: below M1's images on custom fidelity, or worse than V on "
-             "temporal consistency or artifacts, CIs apart", any(broken.values()),
-             f"broken on {', '.join(k for k in symptoms if broken[k]) or 'none'}: M1 images {m1_images[c]['custom_fidelity']:.3f}, "
-             + show("temporal_consistency", ("naive", naive), ("V", base)) + f"; artifacts naive {naive['artifacts']:.4f}"),
-            (f"C3b_{c}", f"Still-Moving repairs the {c}: better than naive injection on one of those three, CIs apart, "
-             "and worse on none", any(better.values()) and not any(hurt.values()),
-             f"better on {', '.join(k for k in symptoms if better[k]) or 'none'}, worse on "
-             f"{', '.join(k for k in symptoms if hurt[k]) or 'none'}: " + show("temporal_consistency", ("SM", sm), ("naive", naive))),
-            (f"C4a_{c}", f"Still-Moving keeps V's motion ({c}): within 25% of V's",
-             0.75 * base["motion"] <= sm["motion"] <= 1.25 * base["motion"], f"motion {px(sm)} vs V {px(base)} px/frame"),
-            (f"C4b_{c}", f"without the motion adapter, frozen videos make the model static ({c}): motion at most 50% of V's",
-             nm["motion"] <= 0.5 * base["motion"], f"motion {px(nm)} vs V {px(base)} px/frame"),
-            (f"C5_{c}", f"prior preservation keeps V's prior ({c}): on ordinary prompts, Still-Moving's prompt fidelity is "
-             "above no_prior_preservation's, CIs apart", lower(ordinary["no_prior_preservation"], "prompt_fidelity", ordinary["still_moving"]),
-             show("prompt_fidelity", ("SM", ordinary["still_moving"]), ("no prior", ordinary["no_prior_preservation"]), ("V", base))),
-            (f"C7_{c}", f"limitation ({c}): Still-Moving is no more faithful than M1's own images",
-             sm["ci95"]["custom_fidelity"][0] <= m1_images[c]["custom_fidelity"],
-             f"custom fidelity {sm['custom_fidelity']:.3f} {_ci(sm, 'custom_fidelity')} vs M1 images {m1_images[c]['custom_fidelity']:.3f}")]
+    """The paper's claims (PAPER.md) as fixed tests on measured numbers ("CIs apart": the bootstrap
+    95% intervals do not overlap), fixed before the seed runs of issue 13 and never tuned after."""
+    base = data.find(rows, "base_t2v")
+    static = data.find(rows, "motion_scale", alpha=1.0)
+    more = data.find(rows, "motion_scale", alpha=-1.0)
+    claims = [
+        claim(
+            "C1",
+            "switch: motion at alpha = 1 is below 25% of V's, with its whole 95% interval",
+            static["ci95"]["motion"][1] < 0.25 * base["motion"],
+            data.motion_vs(static, base),
+        ),
+        claim(
+            "C2",
+            "dial: motion at alpha = -1 is above V's, CIs apart",
+            data.lower(base, "motion", more),
+            data.motion_vs(more, base),
+        ),
+    ]
+    for concept in CONCEPTS:
+        claims += concept_claims(rows, m1_images[concept], concept)
     share = {k: params[k] / params["unet"] for k in ("motion_adapter", "spatial_adapter")}
-    claims.append(("C6", "light: each adapter kind has at most 5% of the UNet's parameters", max(share.values()) <= 0.05,
-                   ", ".join(f"{k} {params[k]} = {100 * s:.2f}%" for k, s in share.items()) + f" of {params['unet']}"))
-    return [{"id": i, "text": t, "holds": bool(h), "evidence": e} for i, t, h, e in sorted(claims)]
+    counts = ", ".join(f"{k} {params[k]} = {100 * s:.2f}%" for k, s in share.items())
+    claims.append(
+        claim(
+            "C6",
+            "light: each adapter kind has at most 5% of the UNet's parameters",
+            max(share.values()) <= 0.05,
+            f"{counts} of {params['unet']}",
+        )
+    )
+    return sorted(claims, key=lambda c: c["id"])
 
 
-def _ci(row, key):
-    lo, hi = row["ci95"][key]
-    return f"[{lo:.3f}, {hi:.3f}]"
+# ------------------------------------------------------------------------------------------ figures
+
+ROW_LABELS = {
+    "real": "real video\n(the ground truth)",
+    "naive_injection": "naive injection\n(M1's weights in V)",
+    "still_moving": "Still-Moving\n(+ spatial adapters)",
+    "no_motion_adapter": "no motion adapter\n(ablation)",
+    "no_prior_preservation": "no prior preservation\n(ablation)",
+}
 
 
-def write_figures(run, shown, columns=3):
-    """figure.gif / figure.png (the paper's Fig. 2 in miniature) and motion_scale.gif."""
-    to01 = lambda x: ((x[:columns] + 1) / 2).clamp(0, 1).numpy()
-    methods = ("real", "naive_injection", *VARIANTS)
-    grid = np.stack([np.concatenate([to01(shown[m, c]) for c in CONCEPTS]) for m in methods])
-    data.save_gif(os.path.join(run.dir, "figure.gif"), grid)
-    data.save_strip(os.path.join(run.dir, "figure.png"), grid)
-    sweep = np.stack([to01(shown["alpha", a]) for a in ALPHAS])
-    data.save_gif(os.path.join(run.dir, "motion_scale.gif"), sweep)
-    data.save_strip(os.path.join(run.dir, "motion_scale.png"), sweep)
+def alpha_label(alpha):
+    notes = {1.0: "adapter on: static", 0.0: "V itself", -1.0: "never trained: more"}
+    return f"alpha = {alpha:g}" + (f"\n({notes[alpha]})" if alpha in notes else "")
+
+
+def write_figures(run, shown, per_concept=2):
+    """figure.png / figure.gif (the paper's Fig. 2 in miniature: the style's prompts first, then
+    the subject's) and motion_scale.png / .gif (the alpha dial), each a labelled grid."""
+
+    def to01(videos):
+        return ((torch.as_tensor(videos) + 1) / 2).clamp(0, 1).numpy()
+
+    clips = {c: eval_clips(run.cfg, c) for c in CONCEPTS}
+    per_concept = min(per_concept, run.cfg.eval_videos)
+    columns = [(c, i) for c in ("style", "subject") for i in range(per_concept)]
+    grid = [[to01(shown[method, c][i : i + 1])[0] for c, i in columns] for method in ROW_LABELS]
+    heads = [clips[c][i].prompt() for c, i in columns]
+    title = f"Still-Moving, seed {run.cfg.seed}: each video's path over its {run.cfg.frames} frames"
+    path = os.path.join(run.dir, "figure")
+    data.save_figure(path, grid, list(ROW_LABELS.values()), heads, title)
+    ordinary = eval_clips(run.cfg, None)[:4]
+    grid = [list(to01(shown["alpha", alpha][:4])) for alpha in ALPHAS]
+    labels = [alpha_label(alpha) for alpha in ALPHAS]
+    title = "The motion adapter as a dial: V + alpha * motion adapter, ordinary prompts"
+    path = os.path.join(run.dir, "motion_scale")
+    data.save_figure(path, grid, labels, [c.prompt() for c in ordinary], title)
+
+
+# --------------------------------------------------------------------------------------------- main
 
 
 def main(cfg, out, device):
     start = time.time()
     run = Run(cfg, out, device)
-    print(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, device {device}, output {out}")
+    lora.save_text(os.path.join(out, "config.json"), json.dumps(asdict(cfg), indent=1))
+    print(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, device {device}")
     parts = recipe(run)
     eval_start = time.time()
     rows, gaps, shown = evaluate(run, parts)
     write_figures(run, shown)
     run.seconds["evaluate"] = round(time.time() - eval_start, 2)
     m1_images = {c: m1_image_metrics(cfg, parts["generated"][c], c) for c in CONCEPTS}
-    count = lambda tensors: sum(t.numel() for t in tensors)
-    params = {"unet": count(parts["v"].parameters()), "motion_adapter": count(parts["motion"].values()),
-              "spatial_adapter": count(parts["spatial"]["subject", "still_moving"].values())}
-    results = {"preset": cfg.preset, "device": str(device), "seed": cfg.seed, "resolution": cfg.size,
-               "frames": cfg.frames, "stage_seconds": run.seconds, "total_seconds": round(sum(run.seconds.values()), 2),
-               "params": params, "m1_images": m1_images, "denoising_gap": gaps, "rows": rows,
-               "claims": check_claims(rows, params, m1_images)}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(data.results_markdown(results))
-    print(data.results_markdown(results))
-    print(f"done in {time.time() - start:.0f}s (stages: {results['total_seconds']:.0f}s of work). In {out}/:\n"
-          "  results.md, results.json   the table and the claims\n"
-          "  figure.gif, figure.png     real / naive / Still-Moving / ablations, subject and style prompts\n"
-          "  motion_scale.gif           alpha = 1, 0.5, 0, -0.5, -1 (rows)\n"
-          "  samples/, ckpt/            what each base stage generates; one file per stage (adapters: small files)")
+    spatial = parts["spatial"]["subject", "still_moving"]
+    params = {"unet": sum(t.numel() for t in parts["v"].parameters())}
+    params["motion_adapter"] = sum(t.numel() for t in parts["motion"].values())
+    params["spatial_adapter"] = sum(t.numel() for t in spatial.values())
+    results = {
+        "preset": cfg.preset,
+        "device": str(device),
+        "seed": cfg.seed,
+        "resolution": cfg.size,
+        "frames": cfg.frames,
+        "stage_seconds": run.seconds,
+        "total_seconds": round(sum(run.seconds.values()), 2),
+        "params": params,
+        "m1_images": m1_images,
+        "denoising_gap": gaps,
+        "rows": rows,
+        "claims": check_claims(rows, params, m1_images),
+    }
+    table = lora.results_markdown(results)
+    lora.save_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+    lora.save_text(os.path.join(out, "results.md"), table)
+    print(table)
+    seconds = f"{time.time() - start:.0f}s ({results['total_seconds']:.0f}s of stages)"
+    print(f"done in {seconds}: see {out}/figure.png (and .gif), motion_scale.png, results.md")
     return results
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------- command line
 
 METHODS = {"base": "base_t2v", "naive": "naive_injection", "stillmoving": "still_moving"}
 
 
 def sample_command(args):
-    """Generate one clip from a finished run: `python stillmoving.py sample --run DIR --prompt ...`."""
+    """One clip from a finished run: `python stillmoving.py sample --run DIR --prompt ...`."""
     device = pick_device(args.device)
-    ckpt = os.path.join(args.run, "ckpt")
-    if not os.path.isdir(ckpt):
-        raise ValueError(f"{args.run} is not a run folder (no ckpt/); make one with `python stillmoving.py --out {args.run}`")
+    cfg = saved_config(args.run)
     if not math.isfinite(args.motion_scale):
         raise ValueError(f"--motion-scale must be a finite number, got {args.motion_scale}")
     if not args.prompt.strip():
-        raise ValueError("the prompt is empty; try --prompt \"a sks object moving left\"")
+        raise ValueError('the prompt is empty; try --prompt "a sks object moving left"')
     data.tokenize([args.prompt])  # unknown words fail here, listing the vocabulary
-    concept = "subject" if data.SUBJECT_TOKEN in args.prompt.split() else "style" if data.STYLE_TOKEN in args.prompt.split() else None
-    method = METHODS[args.method]
+    concept, method = data.concept_of(args.prompt), METHODS[args.method]
     if method != "base_t2v" and concept is None:
-        raise ValueError(f"--method {args.method} needs a custom prompt: use the word {data.SUBJECT_TOKEN!r} or {data.STYLE_TOKEN!r}")
-    if not os.path.exists(os.path.join(ckpt, "t2i.pt")):
-        raise ValueError(f"{args.run} has no finished t2i stage; make it with `python stillmoving.py --out {args.run}`")
-    preset = lora.load_file(os.path.join(ckpt, "t2i.pt"), "Re-run the recipe.")["config"]
-    cfg = PRESETS[preset["preset"]]
-    gone = sorted(set(preset) - {f.name for f in fields(cfg)})
-    if gone:  # a folder made by an older version of this code
-        raise lora.ConfigMismatch(f"{args.run} was made with config fields this code no longer has ({', '.join(gone)}); "
-                                  f"re-make it with `python stillmoving.py --fresh --preset {cfg.preset} --out {args.run}`")
-    cfg = replace(cfg, **{k: type(getattr(cfg, k))(value) for k, value in preset.items()})
+        words = f"{data.SUBJECT_TOKEN!r} or {data.STYLE_TOKEN!r}"
+        raise ValueError(f"--method {args.method} needs a custom prompt: use the word {words}")
     run = Run(cfg, args.run, device)
-    needed = ["t2i", "t2v", "custom_subject", "custom_style", "motion_adapter"] + (
-        [f"spatial_{concept}_still_moving"] if method == "still_moving" else [])
-    for stage in needed:
+    needed = ["t2i", "t2v", "custom_subject", "custom_style", "motion_adapter"]
+    if method == "still_moving":
+        needed.append(f"spatial_{concept}_still_moving")
+    saved = {}
+    for stage in needed:  # every stage finished, with this config: sampling never trains
         if not os.path.exists(run.path(stage)):
-            raise ValueError(f"{args.run} lacks stage {stage!r}; finish it with `python stillmoving.py --preset "
-                             f"{cfg.preset} --out {args.run}`")
-    saved = lambda stage: run.load(run.path(stage), stage)["state"]
+            finish = f"python stillmoving.py --preset {cfg.preset} --out {args.run}"
+            raise ValueError(f"{args.run} lacks stage {stage!r}; finish it with `{finish}`")
+        saved[stage] = run.load(run.path(stage), stage)["state"]
     m, v, m1s = base_models(run)
-    parts = dict(v=v, m1s=m1s, motion=saved("motion_adapter"),
-                 spatial={(concept, "still_moving"): saved(f"spatial_{concept}_still_moving")} if concept else {})
+    parts = dict(v=v, m1s=m1s, motion=saved["motion_adapter"])
+    parts["spatial"] = {(concept, "still_moving"): saved.get(f"spatial_{concept}_still_moving")}
     model = build(parts, method, concept, alpha=args.motion_scale)
     video = generate(model, run.diffusion, [args.prompt], cfg, args.seed)
-    data.save_gif(args.out, ((video[None] + 1) / 2).clamp(0, 1).numpy())
+    video = ((video + 1) / 2).clamp(0, 1).numpy()
+    path = os.path.splitext(args.out)[0]
+    data.save_figure(path, [[video[0]]], [args.method], [args.prompt], f"seed {args.seed}")
     print(f"wrote {args.out}: {args.prompt!r}, method {method}, motion scale {args.motion_scale}")
 
 
 def parse(argv):
     if argv[:1] == ["sample"]:
-        p = argparse.ArgumentParser(prog="stillmoving.py sample", description="one clip from a finished run")
+        p = argparse.ArgumentParser(prog="stillmoving.py sample", description="one clip from a run")
         p.add_argument("--run", required=True)
         p.add_argument("--prompt", required=True)
         p.add_argument("--method", choices=list(METHODS), default="stillmoving")
-        p.add_argument("--motion-scale", type=float, default=0.0, help="the motion adapter's alpha (negative: more motion)")
+        p.add_argument("--motion-scale", type=float, default=0.0, help="alpha (< 0: more motion)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--out", default="clip.gif")
         return p.parse_args(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu if CUDA is present, else cpu")
+    p.add_argument(
+        "--preset",
+        choices=[*PRESETS, *OLD_NAMES],
+        default="small",
+        help="small (default, on every device; its claims are measured), quick (a smoke test), "
+        "large (NOT YET VERIFIED: it has never run to the end). cpu and gpu: the old names of "
+        "small and large",
+    )
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="delete the run folder's checkpoints first")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a preset field, e.g. t2v_steps=3000")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset field, e.g. spatial_rank=4 (re-makes only the stages that read it)",
+    )
     return p.parse_args(argv)
 
 
-def config_from(args, device):
-    cfg = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
-    changes = {} if args.seed is None else {"seed": args.seed}
-    known = {f.name: f for f in fields(cfg)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in known or not value:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
-        kind = type(getattr(cfg, key))
-        if kind is bool and value.lower() not in ("true", "false"):
-            raise ValueError(f"--set {item!r}: {key} is true or false")
-        changes[key] = (tuple(int(v) for v in value.split(",")) if kind is tuple else
-                        value.lower() == "true" if kind is bool else kind(value))
-    return replace(cfg, **changes)
+def config_from(args):
+    cfg = PRESETS[OLD_NAMES.get(args.preset, args.preset)]
+    if args.seed is not None:
+        cfg = replace(cfg, seed=args.seed)
+    return override(cfg, args.set)
 
 
 def cli(argv):
@@ -437,12 +537,12 @@ def cli(argv):
         if argv[:1] == ["sample"]:
             return sample_command(args)
         device = pick_device(args.device)
-        cfg = config_from(args, device)
+        cfg = config_from(args)
         out = args.out or os.path.join("runs", cfg.preset)
         if args.fresh and os.path.isdir(out):
             shutil.rmtree(out)
         main(cfg, out, device)
-    except (ValueError, lora.CheckpointError, TrainingError) as e:  # ConfigMismatch is a ValueError
+    except (ValueError, lora.CheckpointError, TrainingError) as e:  # ConfigMismatch: a ValueError
         sys.exit(f"error: {e}")
 
 

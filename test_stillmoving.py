@@ -3,6 +3,7 @@ the synthetic world and its metrics, the recipe's invariants, and the failure mo
 
     python -m pytest -q
 """
+
 import copy
 import json
 import os
@@ -33,14 +34,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def tiny(size=8, frames=4):
     torch.manual_seed(0)
-    m = UNet(len(data.VOCAB), size, data.MAX_WORDS, ch=8, mults=(1, 2), text_dim=16, max_frames=frames)
+    m = UNet(
+        len(data.VOCAB), size, data.MAX_WORDS, ch=8, mults=(1, 2), text_dim=16, max_frames=frames
+    )
     return m, inflate(m)
 
 
 def inputs(B=2, frames=4, size=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 3, frames, size, size, generator=g)
-    return x, torch.tensor([10, 700])[:B], data.tokenize(["a red circle moving left", "a sks object"][:B])
+    return (
+        x,
+        torch.tensor([10, 700])[:B],
+        data.tokenize(["a red circle moving left", "a sks object"][:B]),
+    )
 
 
 def randomize_up(model, kind):
@@ -49,7 +56,7 @@ def randomize_up(model, kind):
             m.A_up.normal_(0, 0.5)
 
 
-# ----------------------------------------------------------------------------- inflation
+# ---------------------------------------------------------------------------------------- inflation
 
 
 def test_fresh_v_equals_m_frame_by_frame():
@@ -57,7 +64,8 @@ def test_fresh_v_equals_m_frame_by_frame():
     x, t, tok = inputs()
     per_frame = torch.stack([m(x[:, :, f], t, tok) for f in range(x.shape[2])], dim=2)
     assert torch.allclose(v(x, t, tok), per_frame, atol=1e-5)
-    with torch.no_grad():  # the equality comes from the zero proj_out: break it and the test must see it
+    # the equality comes from the zero proj_out: break it and the test must see it
+    with torch.no_grad():
         v.mid.temporal.proj_out.weight.normal_()
     assert not torch.allclose(v(x, t, tok), per_frame, atol=1e-3)
 
@@ -66,10 +74,15 @@ def test_inflation_leaves_m_untouched_and_parts_separate_by_name():
     m, _ = tiny()
     before = copy.deepcopy(m.state_dict())
     v = inflate(m)
-    assert all(torch.equal(before[k], t) for k, t in m.state_dict().items()) and before.keys() == m.state_dict().keys()
+    assert (
+        all(torch.equal(before[k], t) for k, t in m.state_dict().items())
+        and before.keys() == m.state_dict().keys()
+    )
     temporal = [n for n, _ in v.named_parameters() if is_temporal(n)]
     assert temporal and set(t2i_state_dict(v)) == set(m.state_dict())
-    assert v.temporal_blocks() and all((b.temporal is not None) == (b.attn is not None) for b in v.blocks())
+    assert v.temporal_blocks() and all(
+        (b.temporal is not None) == (b.attn is not None) for b in v.blocks()
+    )
 
 
 def test_frozen_video_gives_identical_frames_through_the_spatial_path():
@@ -82,22 +95,28 @@ def test_frozen_video_gives_identical_frames_through_the_spatial_path():
 
 
 def test_temporal_layers_know_where_and_when_each_feature_is():
-    """A uniform feature map (the same at every pixel of every frame) must still get a temporal output that
-    depends on the pixel and the frame: that is what lets "moving left" put the object on the right early
-    and on the left late (issue 12). Without the space-time code every pixel and frame would look alike."""
+    """A uniform feature map (the same at every pixel of every frame) must still get a temporal
+    output that depends on the pixel and the frame: that is what lets "moving left" put the object
+    on the right early and on the left late (issue 12). Without the space-time code every pixel and
+    frame would look alike."""
     _, v = tiny()
     module = v.mid.temporal
     with torch.no_grad():
         module.proj_out.weight.normal_(0, 0.1)
-        x = torch.ones(4, module.proj_in.in_features, 4, 4) + torch.randn(module.proj_in.in_features)[None, :, None, None]
-        out = (module(x, v.text(data.tokenize(["a red circle moving left"])), frames=4) - x)[:, 0]  # (F, H, W), one channel
-    assert out.std(dim=0).min() > 1e-4                       # frames differ, at every pixel
-    assert out.flatten(1).std(dim=1).min() > 1e-4            # pixels differ, in every frame
+        x = (
+            torch.ones(4, module.proj_in.in_features, 4, 4)
+            + torch.randn(module.proj_in.in_features)[None, :, None, None]
+        )
+        # (F, H, W), one channel
+        out = (module(x, v.text(data.tokenize(["a red circle moving left"])), frames=4) - x)[:, 0]
+    assert out.std(dim=0).min() > 1e-4  # frames differ, at every pixel
+    assert out.flatten(1).std(dim=1).min() > 1e-4  # pixels differ, in every frame
 
 
 def test_sequences_sharing_a_context_attend_as_if_each_had_its_own_copy():
-    attn, x, context = Attention(16, context_dim=8), torch.randn(6, 5, 16), torch.randn(2, 3, 8)  # 3 sequences a context
-    one_by_one = torch.cat([attn(x[i:i + 1], context[i // 3:i // 3 + 1]) for i in range(6)])
+    # 3 sequences a context
+    attn, x, context = Attention(16, context_dim=8), torch.randn(6, 5, 16), torch.randn(2, 3, 8)
+    one_by_one = torch.cat([attn(x[i : i + 1], context[i // 3 : i // 3 + 1]) for i in range(6)])
     assert torch.allclose(attn(x, context), one_by_one, atol=1e-6)
 
 
@@ -110,7 +129,7 @@ def test_shape_errors_are_clear():
         v(torch.randn(2, 3, 4, 16, 16), t, tok)
 
 
-# ----------------------------------------------------------------------------- adapters
+# ----------------------------------------------------------------------------------------- adapters
 
 
 def test_motion_adapter_is_a_no_op_until_trained_and_at_alpha_zero():
@@ -118,7 +137,8 @@ def test_motion_adapter_is_a_no_op_until_trained_and_at_alpha_zero():
     x, t, tok = inputs()
     base = v(x, t, tok)
     lora.add_motion_adapter(v, rank=2)
-    assert len(lora.adapters(v, MOTION)) == 3 * len(v.temporal_blocks())  # Q, K, V of every temporal layer
+    # Q, K, V of every temporal layer
+    assert len(lora.adapters(v, MOTION)) == 3 * len(v.temporal_blocks())
     assert torch.allclose(v(x, t, tok), base, atol=1e-6)
     with torch.no_grad():
         for block in v.temporal_blocks():
@@ -134,7 +154,8 @@ def test_motion_adapter_is_a_no_op_until_trained_and_at_alpha_zero():
     up = layer.base.weight.detach() - W
     lora.unmerge_lora(v, MOTION), lora.set_scale(v, -1.0), lora.merge_lora(v, MOTION)
     down = layer.base.weight.detach() - W
-    assert up.abs().max() > 1e-3 and torch.allclose(up, -down, atol=1e-6)  # opposite directions on W
+    # opposite directions on W
+    assert up.abs().max() > 1e-3 and torch.allclose(up, -down, atol=1e-6)
 
 
 def test_spatial_adapter_starts_as_identity_and_removal_restores_the_model():
@@ -184,7 +205,9 @@ def test_adapter_state_dicts_hold_only_adapters_and_round_trip(tmp_path):
     lora.load_adapter_state_dict(lora.add_motion_adapter(fresh, rank=2), loaded, MOTION)
     assert all(torch.equal(motion[k], w) for k, w in lora.adapter_state_dict(fresh, MOTION).items())
     with pytest.raises(ValueError, match="does not fit"):
-        lora.load_adapter_state_dict(lora.add_motion_adapter(tiny()[1], rank=2), {"x.A_up": torch.zeros(1)}, MOTION)
+        lora.load_adapter_state_dict(
+            lora.add_motion_adapter(tiny()[1], rank=2), {"x.A_up": torch.zeros(1)}, MOTION
+        )
 
 
 def test_scale_must_be_finite():
@@ -195,7 +218,7 @@ def test_scale_must_be_finite():
             lora.set_scale(v, bad)
 
 
-# ----------------------------------------------------------------------------- DDPM
+# --------------------------------------------------------------------------------------------- DDPM
 
 
 def test_schedule():
@@ -215,22 +238,32 @@ def test_an_exact_prediction_gives_back_the_true_noise(prediction):
     t = 700
     xt = d.q_sample(x0, torch.full((2,), t), eps)
     a, s = d.sqrt_ab[t], d.sqrt_1m_ab[t]
-    exact = lambda x, tt, tok: (eps if prediction == "eps" else a * eps - s * x0).repeat(2, 1, 1, 1)  # cond and uncond halves
-    assert torch.allclose(d.eps(exact, xt, t, data.tokenize(["a red circle"] * 2), guidance=3.0), eps, atol=1e-5)
+
+    # cond and uncond halves
+    def exact(x, tt, tok):  # the true target, for the cond and the uncond halves alike
+        return (eps if prediction == "eps" else a * eps - s * x0).repeat(2, 1, 1, 1)
+
+    assert torch.allclose(
+        d.eps(exact, xt, t, data.tokenize(["a red circle"] * 2), guidance=3.0), eps, atol=1e-5
+    )
 
 
 def test_ddim_recomputes_eps_from_the_clamped_x0():
-    """Each DDIM step must be x_{t-1} = sqrt(ab_prev) x0_c + sqrt(1 - ab_prev) eps_c, where x0_c is the
-    clamped x_0 estimate and eps_c = (x_t - sqrt(ab) x0_c) / sqrt(1 - ab) the noise it implies. Keeping
-    the unclamped eps sends what the clamp cut off back into x_{t-1} (the bug of issue 12)."""
+    """Each DDIM step must be x_{t-1} = sqrt(ab_prev) x0_c + sqrt(1 - ab_prev) eps_c, where x0_c is
+    the clamped x_0 estimate and eps_c = (x_t - sqrt(ab) x0_c) / sqrt(1 - ab) the noise it implies.
+    Keeping the unclamped eps sends what the clamp cut off back into x_{t-1} (the bug of issue
+    12)."""
     d, seen = Diffusion(CPU, "eps"), []
 
     def model(x, t, tokens):  # the guided x_0 estimate of this fake leaves [-1, 1] at every step
         seen.append(x[: len(x) // 2].clone())  # the x_t it was called with (the conditional half)
         return 0.3 * x + 0.5 * (tokens.sum(1) > 0).float().view(-1, 1, 1, 1, 1)
+
     tokens = data.tokenize(["a red circle moving left"] * 2)
     steps, guidance = 4, 3.0
-    final = d.sample(model, (2, 3, 2, 4, 4), tokens, steps, guidance, torch.Generator().manual_seed(0))
+    final = d.sample(
+        model, (2, 3, 2, 4, 4), tokens, steps, guidance, torch.Generator().manual_seed(0)
+    )
     ts = torch.linspace(d.T - 1, 0, steps).round().long().tolist()
     clamped_somewhere = False
     for i, t in enumerate(ts):
@@ -246,31 +279,48 @@ def test_ddim_recomputes_eps_from_the_clamped_x0():
         expected = ab_prev.sqrt() * x0_c + (1 - ab_prev).sqrt() * eps_c
         got = seen[i + 1] if i + 1 < steps else final
         assert torch.allclose(got, expected, atol=1e-5), f"step {i} (t = {t})"
-        if i + 1 < steps:  # the old sampler's x_{t-1}, with the unclamped eps, is measurably different
-            assert not torch.allclose(got, ab_prev.sqrt() * x0_c + (1 - ab_prev).sqrt() * eps, atol=1e-3)
+        # the old sampler's x_{t-1}, with the unclamped eps, is measurably different
+        if i + 1 < steps:
+            assert not torch.allclose(
+                got, ab_prev.sqrt() * x0_c + (1 - ab_prev).sqrt() * eps, atol=1e-3
+            )
     assert clamped_somewhere
 
 
 def test_the_cuda_bf16_autocast_path_runs_on_cpu(monkeypatch):
     """CI has no GPU: run the loss and the guided sampler under the bf16 autocast that CUDA gets."""
-    monkeypatch.setattr(train, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(
+        train, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
+    )
     (_, v), d, (x, _, tokens) = tiny(), Diffusion(CPU), inputs()
     loss = d.loss(v, x.clamp(-1, 1), tokens, torch.Generator().manual_seed(0))
     loss.backward()
-    assert loss.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in v.parameters() if p.grad is not None)
-    videos = d.sample(v, x.shape, tokens, steps=3, guidance=3.0, gen=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and all(
+        p.grad.dtype == torch.float32 for p in v.parameters() if p.grad is not None
+    )
+    videos = d.sample(
+        v, x.shape, tokens, steps=3, guidance=3.0, gen=torch.Generator().manual_seed(0)
+    )
     assert videos.dtype == torch.float32 and torch.isfinite(videos).all() and torch.isfinite(loss)
 
 
 def test_training_lowers_the_loss(tmp_path):
-    cfg = train.Config(preset="quick", size=8, ch=8, text_dim=16, frames=4, max_frames=4, ema=0.0, ckpt_every=10 ** 6)
+    cfg = train.Config(
+        preset="quick", size=8, ch=8, text_dim=16, frames=4, max_frames=4, ema=0.0, ckpt_every=10**6
+    )
     run = Run(cfg, str(tmp_path), CPU)
     m, _ = tiny()
     x, _ = data.image_batch([data.random_clip(np.random.default_rng(i)) for i in range(8)], 8, 4, 0)
     tok = data.tokenize(["a red circle"] * 8)
-    fixed = lambda: run.diffusion.loss(m, x, tok, torch.Generator().manual_seed(0), drop_text=0)
+
+    def fixed():  # the loss at one fixed noise and timestep draw
+        return run.diffusion.loss(m, x, tok, torch.Generator().manual_seed(0), drop_text=0)
+
+    def loss(rng, gen):
+        return run.diffusion.loss(m, x, tok, gen)
+
     before = fixed().item()
-    train.train_loop(run, "fit", m, list(m.parameters()), lambda rng, gen: run.diffusion.loss(m, x, tok, gen), 200, 3e-3)
+    train.train_loop(run, "fit", m, list(m.parameters()), loss, 200, 3e-3)
     assert fixed().item() < 0.5 * before
 
 
@@ -278,10 +328,18 @@ def test_nan_loss_names_the_stage_and_step(tmp_path):
     run = Run(train.Config(preset="quick"), str(tmp_path), CPU)
     m, _ = tiny()
     with pytest.raises(train.TrainingError, match="'boom'.*step 0"):
-        train.train_loop(run, "boom", m, list(m.parameters()), lambda rng, gen: m.conv_in.weight.sum() * float("nan"), 3, 1e-3)
+        train.train_loop(
+            run,
+            "boom",
+            m,
+            list(m.parameters()),
+            lambda rng, gen: m.conv_in.weight.sum() * float("nan"),
+            3,
+            1e-3,
+        )
 
 
-# ----------------------------------------------------------------------------- the synthetic world
+# ------------------------------------------------------------------------------ the synthetic world
 
 
 def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
@@ -289,7 +347,8 @@ def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
     a, b = data.render_video(clip, 16, 8, 3), data.render_video(clip, 16, 8, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, data.render_video(clip, 16, 8, 4))
     centres = np.array([data.classify(a[:, f])[2] for f in range(8)])
-    velocity = (centres[-1] - centres[0]) / 7  # per frame; single steps jitter by the 1/4 px supersampling grid
+    # per frame; single steps jitter by the 1/4 px supersampling grid
+    velocity = (centres[-1] - centres[0]) / 7
     assert np.allclose(velocity, [0, -data.speed(16, 8)], atol=0.03)
     frozen = data.freeze(torch.from_numpy(a)[None], np.random.default_rng(0))[0].numpy()
     assert data.video_metrics(frozen, clip)["motion"] < 1e-6
@@ -298,10 +357,12 @@ def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
 def test_motion_is_travel_and_wobble_is_jitter():
     """An object that wobbles in place does not move; one that glides steadily does not jitter."""
     clip = data.Clip("circle", "red", "right")
-    wobble = np.stack([data.render(clip, 8 + 0.6 * (-1) ** f, 8, 16) for f in range(8)], axis=1)  # +-0.6 px, 8 frames
+    # +-0.6 px, 8 frames
+    wobble = np.stack([data.render(clip, 8 + 0.6 * (-1) ** f, 8, 16) for f in range(8)], axis=1)
     glide = np.stack([data.render(clip, 5 + 0.8 * f, 8, 16) for f in range(8)], axis=1)
     still, moving = data.video_metrics(wobble, clip), data.video_metrics(glide, clip)
-    assert still["motion"] < 0.2 and still["jitter"] > 0.9      # steps of 1.2 px that end where they began
+    # steps of 1.2 px that end where they began
+    assert still["motion"] < 0.2 and still["jitter"] > 0.9
     assert abs(moving["motion"] - 0.8) < 0.05 and moving["jitter"] < 0.05
 
 
@@ -309,17 +370,22 @@ def test_motion_is_travel_and_wobble_is_jitter():
 def test_every_preset_renders_videos_that_stay_in_the_frame(preset):
     cfg = PRESETS[preset]
     for seed, direction in enumerate(data.DIRECTIONS):
-        video = data.render_video(data.Clip("subject", "subject", direction), cfg.size, cfg.frames, seed)
+        video = data.render_video(
+            data.Clip("subject", "subject", direction), cfg.size, cfg.frames, seed
+        )
         assert video.shape == (3, cfg.frames, cfg.size, cfg.size)
-        visible = video.max(0).sum((1, 2))  # the whole star in every frame: nothing cut off at the border
-        assert np.allclose(visible, visible[0], rtol=0.06)  # anti-aliasing alone moves it by up to 4%
+        # the whole star in every frame: nothing cut off at the border
+        visible = video.max(0).sum((1, 2))
+        # anti-aliasing alone moves it by up to 4%
+        assert np.allclose(visible, visible[0], rtol=0.06)
 
 
 def test_shifted_stills_keep_the_whole_shape_on_their_own_ground_and_go_anywhere():
-    """Augmentation moves each still's shape to a random place where it stays whole. Every pixel is kept (a roll
-    of the still's own ground: black padding once drew stripes that M1 learned as part of the style), the shape
-    is not cut at the border nor wrapped around it, and it travels farther than the 2 px that let M1 memorise
-    where its stills put it (README, finding 11)."""
+    """Augmentation moves each still's shape to a random place where it stays whole. Every pixel is
+    kept (a roll of the still's own ground: black padding once drew stripes that M1 learned as part
+    of the style), the shape is not cut at the border nor wrapped around it, and it travels farther
+    than the 2 px that let M1 memorise where its stills put it (NOTES.md, finding 11)."""
+
     def box_and_centre(image):
         frame = ((image + 1) / 2).numpy()
         ground = data.background(frame)
@@ -331,25 +397,34 @@ def test_shifted_stills_keep_the_whole_shape_on_their_own_ground_and_go_anywhere
         farthest = 0.0
         for seed in range(6):
             shifted = data.shift(stills, np.random.default_rng(seed))
-            assert torch.equal(shifted.flatten(1).sort(dim=1).values, stills.flatten(1).sort(dim=1).values)
+            assert torch.equal(
+                shifted.flatten(1).sort(dim=1).values, stills.flatten(1).sort(dim=1).values
+            )
             for before, after in zip(stills, shifted):
-                (box, centre), (moved_box, moved_centre) = box_and_centre(before), box_and_centre(after)
+                (box, centre), (moved_box, moved_centre) = (
+                    box_and_centre(before),
+                    box_and_centre(after),
+                )
                 assert moved_box == box  # a shape wrapped round the border would span the frame
                 farthest = max(farthest, float(np.abs(moved_centre - centre).max()))
         assert farthest > 3
 
 
 def test_style_stills_show_every_colour_and_shape():
-    """A style is shown on varied content: 12 stills are each colour x shape once, whatever the seed, and the
-    images carry what the prompts say. (Drawn at random, seed 1's stills had no green shape, and M1 drew
-    green shapes wrongly in the style.)"""
+    """A style is shown on varied content: 12 stills are each colour x shape once, whatever the
+    seed, and the images carry what the prompts say. (Drawn at random, seed 1's stills had no green
+    shape, and M1 drew green shapes wrongly in the style.)"""
     for seed in range(3):
         stills, prompts = data.concept_stills("style", 12, 16, 8, seed)
         contents = {tuple(p.split()[1:3]) for p in prompts}
         assert contents == {(color, shape) for color in data.COLORS for shape in data.SHAPES}
         for image, prompt in zip(((stills + 1) / 2).numpy(), prompts):
             label = data.classify(image)[0]
-            assert (label.color, label.kind, label.style) == (prompt.split()[1], prompt.split()[2], True)
+            assert (label.color, label.kind, label.style) == (
+                prompt.split()[1],
+                prompt.split()[2],
+                True,
+            )
     _, subject = data.concept_stills("subject", 12, 16, 8, seed=0)
     assert set(subject) == {"a sks object"}
 
@@ -366,32 +441,91 @@ def test_metrics_score_real_videos_ideal_and_corrupted_ones_worse(concept):
     clips = [data.random_clip(rng, concept) for _ in range(8)]
     real = [data.render_video(c, 16, 8, i) for i, c in enumerate(clips)]
     ideal = data.summarize([data.video_metrics(v, c) for v, c in zip(real, clips)])
-    assert ideal["direction_accuracy"] == 1 and ideal["prompt_fidelity"] == 1 and ideal["temporal_consistency"] == 1
+    assert (
+        ideal["direction_accuracy"] == 1
+        and ideal["prompt_fidelity"] == 1
+        and ideal["temporal_consistency"] == 1
+    )
     assert ideal["artifacts"] == 0 and abs(ideal["motion"] - data.speed(16, 8)) < 0.1
     assert ideal["custom_fidelity"] == (None if concept is None else 1)
-    speckle = lambda v, i: np.where(np.random.default_rng(i + 9).random(v.shape[1:]) < 0.1,  # 10% of pixels get a random colour
-                                    np.random.default_rng(i).uniform(0, 1, v.shape), v)
+
+    # 10% of pixels get a random colour
+    def speckle(v, i):
+        lit = np.random.default_rng(i + 9).random(v.shape[1:]) < 0.1
+        return np.where(lit, np.random.default_rng(i).uniform(0, 1, v.shape), v)
+
     noisy = [speckle(v, i) for i, v in enumerate(real)]
     worse = data.summarize([data.video_metrics(v, c) for v, c in zip(noisy, clips)])
     assert worse["artifacts"] > 0.02
-    other = data.Clip("square", "green", "left") if concept != "style" else data.Clip("circle", "red", "left")
-    swapped = [data.render_video(other, 16, 8, i) for i in range(8)]  # the wrong thing, shown perfectly
+    other = (
+        data.Clip("square", "green", "left")
+        if concept != "style"
+        else data.Clip("circle", "red", "left")
+    )
+    # the wrong thing, shown perfectly
+    swapped = [data.render_video(other, 16, 8, i) for i in range(8)]
     swapped = data.summarize([data.video_metrics(v, c) for v, c in zip(swapped, clips)])
     assert swapped["prompt_fidelity"] < 1 and (concept is None or swapped["custom_fidelity"] == 0)
 
 
-# ----------------------------------------------------------------------------- stages and the recipe
+# ---------------------------------------------------------------------------- stages and the recipe
 
 
-def test_stage_reuse_and_config_mismatch(tmp_path):
+def test_stage_reuse_and_a_changed_field_remakes_the_stage(tmp_path):
     calls = []
-    make = lambda: calls.append(1) or {"w": torch.ones(2)}
-    run = Run(QUICK, str(tmp_path), CPU)
-    assert torch.equal(run.stage("demo", make)["w"], torch.ones(2))
-    assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("demo", make)["w"], torch.ones(2)) and len(calls) == 1
-    other = Run(train.Config(**{**QUICK.__dict__, "ch": 24}), str(tmp_path), CPU)
+
+    def make():
+        calls.append(1)
+        return {"w": torch.ones(2)}
+
+    assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("t2i", make)["w"], torch.ones(2))
+    assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("t2i", make)["w"], torch.ones(2))
+    assert len(calls) == 1  # reused
+    wider = Run(train.Config(**{**QUICK.__dict__, "ch": 24}), str(tmp_path), CPU)
     with pytest.raises(lora.ConfigMismatch, match="ch=16 .now 24."):
-        other.stage("demo", make)
+        wider.load(wider.path("t2i"), "t2i")  # sampling refuses it
+    wider.stage("t2i", make)
+    assert len(calls) == 2  # a recipe re-makes it
+    with pytest.raises(ValueError, match="unknown stage 'demo'"):
+        wider.stage("demo", make)
+
+
+def remade(**changes):
+    """The stages whose signature a config change alters: those a re-run makes again."""
+    before = Run(QUICK, "/tmp", CPU)
+    after = Run(train.Config(**{**QUICK.__dict__, **changes}), "/tmp", CPU)
+    stages = [*train.STAGES]
+    for concept in stillmoving.CONCEPTS:
+        stages += [f"spatial_{concept}_{variant}" for variant in stillmoving.VARIANTS]
+    return {s for s in stages if before.signature(s) != after.signature(s)}
+
+
+def test_a_changed_field_remakes_exactly_the_stages_that_read_it():
+    spatial = {f"spatial_{c}_{v}" for c in ("subject", "style") for v in stillmoving.VARIANTS}
+    style_spatial = {s for s in spatial if "_style_" in s}
+    assert remade(spatial_rank=4) == spatial
+    assert remade(style_steps=7) == {"custom_style", "m1_images_style"} | style_spatial
+    assert remade(motion_steps=7) == {"motion_adapter"} | spatial
+    assert remade(t2v_steps=7) == {"t2v", "motion_adapter"} | spatial
+    assert remade(seed=1) == set(train.STAGES) | spatial  # everything
+    assert remade(eval_videos=8, compile=True, ckpt_every=3, preset="other") == set()
+
+
+def test_an_adapter_experiment_reuses_m_v_and_m1(quick_run, tmp_path):
+    """`--set spatial_rank=4` on a finished run folder re-makes only the spatial adapters."""
+    run = quick_run[0]
+    shutil.copytree(run.dir, tmp_path / "run")
+    ckpt = tmp_path / "run" / "ckpt"
+    before = {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)}
+    results = stillmoving.main(
+        train.Config(**{**QUICK.__dict__, "spatial_rank": 2}), str(tmp_path / "run"), CPU
+    )
+    changed = {name[:-3] for name in before if (ckpt / name).read_bytes() != before[name]}
+    assert changed == {
+        f"spatial_{c}_{v}" for c in ("subject", "style") for v in stillmoving.VARIANTS
+    }
+    assert results["params"]["spatial_adapter"] < quick_run[1]["params"]["spatial_adapter"]
+    assert json.load(open(tmp_path / "run" / "config.json"))["spatial_rank"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -404,22 +538,60 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_output(quick_run):
     run, results, _ = quick_run
-    for name, frames in (("figure.gif", QUICK.frames), ("motion_scale.gif", QUICK.frames), ("figure.png", 1)):
+    for name, frames in (
+        ("figure.gif", QUICK.frames),
+        ("motion_scale.gif", QUICK.frames),
+        ("figure.png", 1),
+        ("motion_scale.png", 1),
+    ):
         with Image.open(os.path.join(run.dir, name)) as im:
             assert getattr(im, "n_frames", 1) == frames
+            assert im.width <= 2000
+    with open(os.path.join(run.dir, "config.json")) as f:
+        assert train.Config(**{**json.load(f), "mults": QUICK.mults}) == QUICK
     with open(os.path.join(run.dir, "results.json")) as f:
         saved = json.load(f)
-    assert set(saved) >= {"preset", "device", "seed", "resolution", "frames", "stage_seconds", "total_seconds",
-                          "params", "m1_images", "denoising_gap", "rows", "claims"}
+    assert set(saved) >= {
+        "preset",
+        "device",
+        "seed",
+        "resolution",
+        "frames",
+        "stage_seconds",
+        "total_seconds",
+        "params",
+        "m1_images",
+        "denoising_gap",
+        "rows",
+        "claims",
+    }
     methods = {(r["method"], r["concept"], r["alpha"]) for r in saved["rows"]}
-    assert all((method, concept, None) in methods for concept in ("subject", "style")
-               for method in ("real", "naive_injection", "still_moving", "no_motion_adapter", "no_prior_preservation"))
+    assert all(
+        (method, concept, None) in methods
+        for concept in ("subject", "style")
+        for method in (
+            "real",
+            "naive_injection",
+            "still_moving",
+            "no_motion_adapter",
+            "no_prior_preservation",
+        )
+    )
     assert {a for m, _, a in methods if m == "motion_scale"} == {1.0, 0.5, 0.0, -0.5, -1.0}
     assert all(r["n_videos"] == QUICK.eval_videos for r in saved["rows"])
     assert {c["id"][:2] for c in saved["claims"]} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}
-    assert "HOLDS" in open(os.path.join(run.dir, "results.md")).read() or "FAILS" in open(os.path.join(run.dir, "results.md")).read()
-    sizes = {f: os.path.getsize(os.path.join(run.dir, "ckpt", f)) for f in os.listdir(os.path.join(run.dir, "ckpt"))}
-    assert sizes["motion_adapter.pt"] < sizes["t2v.pt"] / 5 and sizes["spatial_subject_still_moving.pt"] < sizes["t2v.pt"] / 5
+    assert (
+        "HOLDS" in open(os.path.join(run.dir, "results.md")).read()
+        or "FAILS" in open(os.path.join(run.dir, "results.md")).read()
+    )
+    sizes = {
+        f: os.path.getsize(os.path.join(run.dir, "ckpt", f))
+        for f in os.listdir(os.path.join(run.dir, "ckpt"))
+    }
+    assert (
+        sizes["motion_adapter.pt"] < sizes["t2v.pt"] / 5
+        and sizes["spatial_subject_still_moving.pt"] < sizes["t2v.pt"] / 5
+    )
 
 
 def test_denoising_gap_uses_one_noise_for_every_model_and_scores_the_true_target_zero(quick_run):
@@ -427,8 +599,14 @@ def test_denoising_gap_uses_one_noise_for_every_model_and_scores_the_true_target
     denoiser that returns the exact target (eps or v) as 0."""
     run, results, parts = quick_run
     d = run.diffusion
-    videos, prompts = data.video_batch([data.random_clip(np.random.default_rng(0)) for _ in range(2)], QUICK.size, QUICK.frames, 0)
-    loss = lambda model, seed=5: stillmoving.denoising_loss(model, videos, prompts, d, seed)
+    videos, prompts = data.video_batch(
+        [data.random_clip(np.random.default_rng(0)) for _ in range(2)], QUICK.size, QUICK.frames, 0
+    )
+    timesteps = stillmoving.GAP_TIMESTEPS
+
+    def loss(model, seed=5):
+        return d.losses_at(model, videos, data.tokenize(prompts), timesteps, seed)
+
     assert loss(parts["v"]) == loss(parts["v"]) != loss(parts["v"], seed=6)
 
     class Oracle(torch.nn.Module):  # it knows x_0, so it can recover eps from x_t exactly
@@ -439,13 +617,17 @@ def test_denoising_gap_uses_one_noise_for_every_model_and_scores_the_true_target
         def forward(self, xt, t, tokens):
             eps = (xt - d.at(d.sqrt_ab, t, videos) * videos) / d.at(d.sqrt_1m_ab, t, videos)
             return d.target(videos, t, eps)
+
     assert max(loss(Oracle())) < 1e-8 < min(loss(parts["v"]))
     for concept in stillmoving.CONCEPTS:
         gap = results["denoising_gap"][concept]
         assert set(gap["frozen_alpha_1"]) == {"naive_injection", "still_moving"}
         assert set(gap["moving_alpha_0"]) == {"base_t2v", "naive_injection", *stillmoving.VARIANTS}
-        assert all(len(v) == len(stillmoving.GAP_TIMESTEPS) for g in gap.values() for v in g.values())
-        assert gap["frozen_alpha_1"]["still_moving"] != gap["frozen_alpha_1"]["naive_injection"]  # the adapters were trained
+        assert all(
+            len(v) == len(stillmoving.GAP_TIMESTEPS) for g in gap.values() for v in g.values()
+        )
+        # the adapters were trained
+        assert gap["frozen_alpha_1"]["still_moving"] != gap["frozen_alpha_1"]["naive_injection"]
 
 
 def test_motion_adapter_at_alpha_zero_is_exactly_v_after_training(quick_run):
@@ -456,21 +638,26 @@ def test_motion_adapter_at_alpha_zero_is_exactly_v_after_training(quick_run):
     x, t, tok = inputs(frames=QUICK.frames, size=QUICK.size)
     with torch.no_grad():
         assert torch.equal(lora.set_scale(trained, 0.0)(x, t, tok), parts["v"](x, t, tok))
-        assert not torch.allclose(lora.set_scale(trained, 1.0)(x, t, tok), parts["v"](x, t, tok), atol=1e-5)
+        assert not torch.allclose(
+            lora.set_scale(trained, 1.0)(x, t, tok), parts["v"](x, t, tok), atol=1e-5
+        )
 
 
 def test_spatial_training_changes_only_the_spatial_adapters(quick_run):
     run, _, parts = quick_run
     run = Run(run.cfg, run.dir + "_spatial", CPU)
     v, m1 = parts["v"], parts["m1s"]["subject"]
-    trained = stillmoving.train_spatial_adapters(run, v, m1, parts["motion"], parts["generated"]["subject"], "subject", "still_moving")
+    trained = stillmoving.train_spatial_adapters(
+        run, v, m1, parts["motion"], parts["generated"]["subject"], "subject", "still_moving"
+    )
     expected = stillmoving.inject(v, m1).state_dict()
     state = trained.state_dict()
     for k, t in state.items():
         if is_adapter(k) and ".adapter." in k:
             continue
         ref = parts["motion"][k] if is_adapter(k) else expected[k.replace(".base.", ".")]
-        assert torch.equal(t, ref), k  # V's temporal weights, M1's injected weights, the motion adapter
+        # V's temporal weights, M1's injected weights, the motion adapter
+        assert torch.equal(t, ref), k
     assert all(m.A_up.abs().max() > 0 for m in lora.adapters(trained, SPATIAL))
 
 
@@ -480,7 +667,9 @@ def test_customized_t2i_differs_from_m_while_v_temporal_is_unchanged(quick_run):
     naive = stillmoving.inject(v, m1)
     changed = [k for k, t in t2i_state_dict(naive).items() if not torch.equal(t, m.state_dict()[k])]
     assert "text.embed.weight" in changed and len(changed) > 10
-    assert all(torch.equal(t, v.state_dict()[k]) for k, t in naive.state_dict().items() if is_temporal(k))
+    assert all(
+        torch.equal(t, v.state_dict()[k]) for k, t in naive.state_dict().items() if is_temporal(k)
+    )
 
 
 def test_lora_customization_merges_into_a_plain_t2i_model(quick_run, tmp_path):
@@ -492,14 +681,16 @@ def test_lora_customization_merges_into_a_plain_t2i_model(quick_run, tmp_path):
     assert "text.embed.weight" in changed and any(".to_q.weight" in k for k in changed)
 
 
-# ----------------------------------------------------------------------------- reliability
+# -------------------------------------------------------------------------------------- reliability
 
 
 def cli_error(argv, capsys):
     """Run the real command line in-process; return its one-line error message."""
     with pytest.raises(SystemExit) as exit_:
         stillmoving.cli(argv)
-    message = str(exit_.value.code) if not isinstance(exit_.value.code, int) else capsys.readouterr().err
+    message = (
+        str(exit_.value.code) if not isinstance(exit_.value.code, int) else capsys.readouterr().err
+    )
     assert exit_.value.code != 0 and message.strip()
     return message
 
@@ -507,41 +698,104 @@ def cli_error(argv, capsys):
 def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
     run_dir = quick_run[0].dir
     sample = ["sample", "--run", run_dir, "--out", str(tmp_path / "c.gif"), "--prompt"]
-    assert "unknown word 'purple'" in (message := cli_error(sample + ["a purple sks object"], capsys)) and "vocabulary" in message
+    assert (
+        "unknown word 'purple'" in (message := cli_error(sample + ["a purple sks object"], capsys))
+        and "vocabulary" in message
+    )
     assert "prompt is empty" in cli_error(sample + ["  "], capsys)
-    assert "finite" in cli_error(sample + ["a sks object moving left", "--motion-scale", "nan"], capsys)
-    assert "not a run folder" in cli_error(["sample", "--run", str(tmp_path), "--prompt", "a sks object"], capsys)
+    assert "finite" in cli_error(
+        sample + ["a sks object moving left", "--motion-scale", "nan"], capsys
+    )
+    assert "not a run folder" in cli_error(
+        ["sample", "--run", str(tmp_path), "--prompt", "a sks object"], capsys
+    )
     assert "invalid choice: 'huge'" in cli_error(["--preset", "huge"], capsys)
     assert "unknown device 'tpu'" in cli_error(["--device", "tpu"], capsys)
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in cli_error(["--device", "cuda"], capsys)
     (tmp_path / "file").write_text("")
-    assert "cannot write the output folder" in cli_error(["--preset", "quick", "--out", str(tmp_path / "file" / "run")], capsys)
-    assert "max_frames=16" in cli_error(["--preset", "quick", "--out", str(tmp_path / "r"), "--set", "frames=40"], capsys)
+    assert "cannot write the output folder" in cli_error(
+        ["--preset", "quick", "--out", str(tmp_path / "file" / "run")], capsys
+    )
+    assert "max_frames=16" in cli_error(
+        ["--preset", "quick", "--out", str(tmp_path / "r"), "--set", "frames=40"], capsys
+    )
     assert "KEY=VALUE" in cli_error(["--preset", "quick", "--set", "colour=red"], capsys)
     assert "true or false" in cli_error(["--preset", "quick", "--set", "compile=0"], capsys)
 
 
 def test_sample_refuses_a_run_folder_made_by_an_older_version(quick_run, capsys, tmp_path):
-    os.makedirs(tmp_path / "old" / "ckpt")
-    state = torch.load(quick_run[0].path("t2i"), weights_only=True)
-    state["config"]["adapter_lr"] = 1e-3  # a field this code renamed (motion_lr, spatial_lr)
-    lora.save_file(state, str(tmp_path / "old" / "ckpt" / "t2i.pt"))
-    message = cli_error(["sample", "--run", str(tmp_path / "old"), "--prompt", "a sks object moving left"], capsys)
+    shutil.copytree(quick_run[0].dir, tmp_path / "old")
+    with open(tmp_path / "old" / "config.json") as f:
+        config = json.load(f)
+    config["adapter_lr"] = 1e-3  # a field this code renamed (motion_lr, spatial_lr)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    sample = ["sample", "--run", str(tmp_path / "old"), "--prompt", "a sks object moving left"]
+    message = cli_error(sample, capsys)
     assert "no longer has (adapter_lr)" in message and "--fresh" in message
+    os.remove(tmp_path / "old" / "config.json")  # made before run folders kept their config
+    assert "no config.json" in cli_error(sample, capsys)
+
+
+def test_sample_refuses_a_stage_made_with_another_config(quick_run, capsys, tmp_path):
+    """Sampling never trains: a stage whose signature does not match config.json is an error."""
+    shutil.copytree(quick_run[0].dir, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "motion_rank": 2}))
+    sample = ["sample", "--run", str(tmp_path / "run"), "--prompt", "a sks object moving left"]
+    assert "motion_rank=4 (now 2)" in cli_error(sample, capsys)
 
 
 def test_set_reads_booleans_and_tuples():
     args = stillmoving.parse(["--set", "compile=false", "mults=1,2,2"])
-    assert stillmoving.config_from(args, torch.device("cpu")).compile is False
-    assert stillmoving.config_from(stillmoving.parse(["--set", "compile=True"]), torch.device("cpu")).compile is True
-    assert stillmoving.config_from(args, torch.device("cpu")).mults == (1, 2, 2)
+    assert stillmoving.config_from(args).compile is False
+    assert stillmoving.config_from(stillmoving.parse(["--set", "compile=True"])).compile is True
+    assert stillmoving.config_from(args).mults == (1, 2, 2)
+
+
+def test_one_default_preset_on_every_device_and_the_old_names_still_work(capsys):
+    assert stillmoving.config_from(stillmoving.parse([])) == PRESETS["small"]
+    assert stillmoving.config_from(stillmoving.parse(["--preset", "cpu"])) == PRESETS["small"]
+    assert stillmoving.config_from(stillmoving.parse(["--preset", "gpu"])) == PRESETS["large"]
+    with pytest.raises(SystemExit):
+        stillmoving.parse(["--help"])
+    assert "large (NOT YET VERIFIED" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_figure_draws_each_video_path(tmp_path):
+    """A cell's trail spans the object's travel: across the frame for a moving video, a spot for a
+    still one (a frozen video), so that a reader sees which row moves without the animation."""
+    size, frames, cell = 16, 8, 128
+    moving = data.render_video(data.Clip("square", "red", "left"), size, frames, seed=0)
+    still = data.repeat_frames(torch.from_numpy(moving[:, 0])[None], frames)[0].numpy()
+    data.save_figure(str(tmp_path / "fig"), [[moving, still]], ["row"], ["moving", "still"], "t")
+    picture = np.asarray(Image.open(tmp_path / "fig.png").convert("RGB")).astype(int)
+    trail = np.abs(picture - np.array(data.TRAIL)).sum(-1) < 30  # the trail's own colour
+    columns = np.nonzero(trail.any(0))[0]
+    left_cell = columns[columns < columns.min() + cell]
+    right_cell = columns[columns >= columns.min() + cell]
+    travel = data.speed(size, frames) * (frames - 1) * (cell // size)  # in figure pixels
+    assert abs((left_cell.max() - left_cell.min()) - travel) < 14  # ring and dot add ~10 px
+    assert right_cell.max() - right_cell.min() <= 12  # a ring round a dot
+    with Image.open(tmp_path / "fig.gif") as gif:
+        assert gif.n_frames == frames and gif.size == (picture.shape[1], picture.shape[0])
 
 
 def test_sample_command_writes_a_clip(quick_run, tmp_path):
     out = tmp_path / "clip.gif"
-    stillmoving.cli(["sample", "--run", quick_run[0].dir, "--prompt", "a sks object moving left",
-                     "--motion-scale", "-1", "--out", str(out)])
+    stillmoving.cli(
+        [
+            "sample",
+            "--run",
+            quick_run[0].dir,
+            "--prompt",
+            "a sks object moving left",
+            "--motion-scale",
+            "-1",
+            "--out",
+            str(out),
+        ]
+    )
     with Image.open(out) as im:
         assert im.n_frames == QUICK.frames
 
@@ -550,6 +804,7 @@ def test_pickled_payload_and_truncated_checkpoints_are_refused(tmp_path):
     class Payload:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
+
     evil = tmp_path / "evil.pt"
     torch.save({"state": Payload()}, evil)
     with pytest.raises(lora.CheckpointError, match="refused, it could run code.*re-make"):
@@ -563,7 +818,16 @@ def test_pickled_payload_and_truncated_checkpoints_are_refused(tmp_path):
 
 def test_killed_run_resumes_and_reuses_finished_stages(tmp_path):
     out = str(tmp_path / "run")
-    argv = [sys.executable, os.path.join(HERE, "stillmoving.py"), "--preset", "quick", "--out", out, "--set", "t2v_steps=300"]
+    argv = [
+        sys.executable,
+        os.path.join(HERE, "stillmoving.py"),
+        "--preset",
+        "quick",
+        "--out",
+        out,
+        "--set",
+        "t2v_steps=300",
+    ]
     partial = os.path.join(out, "ckpt", "t2v.partial.pt")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     deadline = time.time() + 120
@@ -574,7 +838,9 @@ def test_killed_run_resumes_and_reuses_finished_stages(tmp_path):
     assert os.path.exists(partial) and not os.path.exists(os.path.join(out, "ckpt", "t2v.pt"))
     again = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, timeout=300)
     log = again.stdout + again.stderr
-    assert again.returncode == 0 and "[t2i] reused" in log and "[t2v] resuming at step" in log, log[-2000:]
+    assert again.returncode == 0 and "[t2i] reused" in log and "[t2v] resuming at step" in log, log[
+        -2000:
+    ]
     assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(partial)
 
 
@@ -583,9 +849,12 @@ def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
     assert again["rows"] == quick_run[1]["rows"]
 
 
-def test_a_stage_made_after_reused_stages_is_the_one_an_uninterrupted_run_makes(quick_run, tmp_path):
-    """The spatial adapters' random init must not depend on whether the motion adapter was trained in this
-    process or reused from disk (it once did: a resumed run got other adapters, and other numbers)."""
+def test_a_stage_made_after_reused_stages_is_the_one_an_uninterrupted_run_makes(
+    quick_run, tmp_path
+):
+    """The spatial adapters' random init must not depend on whether the motion adapter was trained
+    in this process or reused from disk (it once did: a resumed run got other adapters, and other
+    numbers)."""
     run, results, _ = quick_run
     os.makedirs(tmp_path / "ckpt")
     for name in os.listdir(os.path.join(run.dir, "ckpt")):
@@ -596,12 +865,32 @@ def test_a_stage_made_after_reused_stages_is_the_one_an_uninterrupted_run_makes(
 
 
 def test_bench_reports_an_mfu_between_zero_and_one():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "bench", "--preset", "quick", "--device", "cpu"],
-                         capture_output=True, text=True, cwd=HERE, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "train.py"),
+            "bench",
+            "--preset",
+            "quick",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("MFU ") and 0 < float(last.split()[1]) < 1
     assert "frames/s" in out.stdout and "peak memory" in out.stdout
-    # the share of a step in convolutions, matmuls and attention, and the ceiling it sets: share x ceiling = 1
-    share, ceiling = re.search(r"attention: (\d+)% of a step; were all other ops free, ([\d.]+)x faster", out.stdout).groups()
-    assert 0 < int(share) < 100 and float(ceiling) > 1 and abs(int(share) / 100 * float(ceiling) - 1) < 0.02
+    # the share of a step in convolutions, matmuls and attention, and the ceiling it sets:
+    # share x ceiling = 1
+    share, ceiling = re.search(
+        r"attention: (\d+)% of a step; were all other ops free, ([\d.]+)x faster", out.stdout
+    ).groups()
+    assert (
+        0 < int(share) < 100
+        and float(ceiling) > 1
+        and abs(int(share) / 100 * float(ceiling) - 1) < 0.02
+    )

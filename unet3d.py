@@ -2,25 +2,29 @@
 
 Layouts, as in AnimateDiff / lucidrains' video diffusion:
 - a video is (B, C, F, H, W);
-- spatial layers fold frames into the batch, (B*F, C, H, W), so every frame is seen exactly as the image
-  model would see it (GroupNorm is per frame: it never pools over frames);
+- spatial layers fold frames into the batch, (B*F, C, H, W), so every frame is seen exactly as the
+  image model would see it (GroupNorm is per frame: it never pools over frames);
 - temporal layers fold pixels into the batch, (B*H*W, F, C), and attend across frames.
 
-`inflate(M)` returns V: a copy of M with a temporal module after every block with spatial attention. The temporal
-module's proj_out starts at zero, so a fresh V equals M frame by frame (pinned by a test).
+`inflate(M)` returns V: a copy of M with a temporal module after every block with spatial
+attention. The temporal module's proj_out starts at zero, so a fresh V equals M frame by frame
+(pinned by a test).
 
 Parameter names separate the parts: `.temporal.` marks V's temporal layers, `A_down`/`A_up` the
 adapters (lora.py), and everything else is the T2I model (UNet + text encoder).
 """
+
 import copy
 import functools
 import math
+import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------- where it runs
+# ------------------------------------------------------------------------------------ where it runs
 
 
 def pick_device(name="auto"):
@@ -28,7 +32,8 @@ def pick_device(name="auto"):
         raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    use_cuda = name in ("auto", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
@@ -39,28 +44,33 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def sinusoidal(positions, dim):
-    """Transformer sinusoidal code (Vaswani et al. Sec. 3.5) of a (N,) tensor of positions -> (N, dim)."""
-    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=positions.device) / (dim // 2))
+    """Transformer sinusoidal code (Vaswani et al. Sec. 3.5): (N,) positions -> (N, dim)."""
+    steps = torch.arange(dim // 2, device=positions.device) / (dim // 2)
+    freqs = torch.exp(-math.log(10000) * steps)
     angles = positions.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 @functools.lru_cache(maxsize=None)  # a pure function of its arguments: made once per shape
 def space_time_code(frames, H, W, C, device):
-    """A fixed code of where each row of the temporal layout (B*H*W, F, C) sits: sinusoidal codes of the
-    frame (C/2 channels), the column x and the row y (C/4 each). (H*W, F, C).
+    """A fixed code of where each row of the temporal layout (B*H*W, F, C) sits: sinusoidal codes of
+    the frame (C/2 channels), the column x and the row y (C/4 each). (H*W, F, C).
 
-    Without it a pixel's features cannot say where they lie nor which frame they are, so V cannot learn
-    that "moving left" puts the object on the right early and on the left late: it moved, but in a
-    random direction (README, issue 12)."""
-    ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
-    pixel = torch.cat([sinusoidal(xs.flatten(), C // 4), sinusoidal(ys.flatten(), C // 4)], dim=1)  # (H*W, C/2)
+    Without it a pixel's features cannot say where they lie nor which frame they are, so V cannot
+    learn that "moving left" puts the object on the right early and on the left late: it moved, but
+    in a random direction (NOTES.md, issue 12)."""
+    rows, columns = torch.arange(H, device=device), torch.arange(W, device=device)
+    ys, xs = torch.meshgrid(rows, columns, indexing="ij")
+    x_code, y_code = sinusoidal(xs.flatten(), C // 4), sinusoidal(ys.flatten(), C // 4)
+    pixel = torch.cat([x_code, y_code], dim=1)  # (H*W, C/2)
     frame = sinusoidal(torch.arange(frames, device=device), C // 2)  # (F, C/2)
-    return torch.cat([pixel[:, None].expand(-1, frames, -1), frame[None].expand(H * W, -1, -1)], dim=2)
+    every_frame = pixel[:, None].expand(-1, frames, -1)  # (H*W, F, C/2)
+    every_pixel = frame[None].expand(H * W, -1, -1)  # (H*W, F, C/2)
+    return torch.cat([every_frame, every_pixel], dim=2)
 
 
 def groups(channels):
@@ -68,13 +78,14 @@ def groups(channels):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate Q, K, V projections (so adapters can wrap each one), in heads of
-    `head_dim` channels (so 1 head at 32 channels, 2 at 64). Four heads of 8 channels cost 3x more here:
-    attention over 8 frames is per-head overhead, not FLOPs (README, Performance).
+    """Multi-head attention with separate Q, K, V projections (so adapters can wrap each one), in
+    heads of `head_dim` channels (1 head at 32 channels, 2 at 64). Four heads of 8 channels cost 3x
+    more here: attention over 8 frames is per-head overhead, not FLOPs (NOTES.md, Performance).
 
-    x is (N, T, C); context is (M, S, D), with M dividing N. The N // M consecutive sequences of x that
-    share one context (the frames of a video, or its pixels) are attended as one sequence of N // M * T
-    queries: each query attends on its own, so this is the same, without copying K and V N // M times."""
+    x is (N, T, C); context is (M, S, D), with M dividing N. The N // M consecutive sequences of x
+    that share one context (the frames of a video, or its pixels) are attended as one sequence of
+    N // M * T queries: each query attends on its own, so this is the same, without copying K and
+    V N // M times."""
 
     def __init__(self, dim, context_dim=None, head_dim=32):
         super().__init__()
@@ -88,7 +99,8 @@ class Attention(nn.Module):
         N, T, C = x.shape
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (z.view(len(context), -1, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))  # (M, h, ., C/h)
+        heads = [z.view(len(context), -1, self.heads, C // self.heads) for z in (q, k, v)]
+        q, k, v = (z.transpose(1, 2) for z in heads)  # (M, h, ., C/h)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(N, T, C))
 
@@ -98,19 +110,22 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
-# ----------------------------------------------------------------------------- text encoder
+# ------------------------------------------------------------------------------------- text encoder
 
 
 class TextEncoder(nn.Module):
-    """Token embeddings + learned positions + pre-norm transformer layers: (B, L) ids -> (B, L, D)."""
+    """Token embeddings + learned positions + pre-norm transformer layers: (B, L) ids ->
+    (B, L, D)."""
 
     def __init__(self, vocab_size, dim, max_len, layers=1):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        self.layers = nn.ModuleList(nn.ModuleDict(dict(ln1=nn.LayerNorm(dim), attn=Attention(dim),
-                                                       ln2=nn.LayerNorm(dim), ff=FeedForward(dim)))
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = dict(ln1=nn.LayerNorm(dim), attn=Attention(dim))
+            layer.update(ln2=nn.LayerNorm(dim), ff=FeedForward(dim))
+            self.layers.append(nn.ModuleDict(layer))
         self.ln_out = nn.LayerNorm(dim)
 
     def forward(self, tokens):
@@ -125,13 +140,15 @@ class TextEncoder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between. x: (B*F, C, H, W)."""
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between.
+    x: (B*F, C, H, W)."""
 
     def __init__(self, cin, cout, temb_dim):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, cout)
-        self.norm2, self.conv2 = nn.GroupNorm(groups(cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups(cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, temb):
@@ -160,16 +177,17 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(h).transpose(1, 2).reshape(N, C, H, W)
 
 
-# ----------------------------------------------------------------------------- temporal (V-only) layer
+# -------------------------------------------------------------------------- temporal layer (V only)
 
 
 class TemporalModule(nn.Module):
-    """AnimateDiff's motion module, normalised per frame, with its own view of the text and of space-time.
+    """AnimateDiff's motion module, normalised per frame, with its own view of the text and of
+    space and time.
 
-    norm -> + space-time code -> proj_in -> self-attention over frames (sinusoidal frame code added to
-    its input, as AnimateDiff does) -> cross-attention to the text (so the prompt can steer the direction)
-    -> feed-forward -> proj_out (zero at init) -> residual. The motion adapter (lora.py) wraps attn1's
-    to_q, to_k and to_v."""
+    norm -> + space-time code -> proj_in -> self-attention over frames (sinusoidal frame code added
+    to its input, as AnimateDiff does) -> cross-attention to the text (so the prompt can steer the
+    direction) -> feed-forward -> proj_out (zero at init) -> residual. The motion adapter (lora.py)
+    wraps attn1's to_q, to_k and to_v."""
 
     def __init__(self, ch, text_dim, max_frames):
         super().__init__()
@@ -193,16 +211,18 @@ class TemporalModule(nn.Module):
         h = h + self.attn2(self.ln2(h), context)
         h = h + self.ff(self.ln3(h))
         h = self.proj_out(h)
-        h = h.view(B, H * W, frames, C).permute(0, 2, 3, 1).reshape(BF, C, H, W)  # back to (B*F, C, H, W)
+        h = h.view(B, H * W, frames, C).permute(0, 2, 3, 1)  # (B, F, C, H*W)
+        h = h.reshape(BF, C, H, W)  # back to (B*F, C, H, W)
         return x + h
 
 
-# ----------------------------------------------------------------------------- the UNet
+# ----------------------------------------------------------------------------------------- the UNet
 
 
 class Block(nn.Module):
     """One spatial block of M (ResBlock, then attention at low resolution), plus two empty slots:
-    `adapter`, for the spatial adapter of Sec. 3.3, and `temporal`, filled by inflation (Sec. 3.1)."""
+    `adapter`, for the spatial adapter of Sec. 3.3, and `temporal`, filled by inflation
+    (Sec. 3.1)."""
 
     def __init__(self, cin, cout, temb_dim, text_dim, attention):
         super().__init__()
@@ -223,30 +243,39 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """The denoising UNet (it predicts eps or v: train.Diffusion). It is M (images) until `inflate` gives it
-    temporal modules (V)."""
+    """The denoising UNet (it predicts eps or v: train.Diffusion). It is M (images) until `inflate`
+    gives it temporal modules (V)."""
 
-    def __init__(self, vocab_size, size, max_words, ch=32, mults=(1, 2), text_dim=64, max_frames=16):
+    def __init__(self, vocab, size, max_words, ch=32, mults=(1, 2), text_dim=64, max_frames=16):
         super().__init__()
         self.size, self.ch, self.max_frames, self.text_dim = size, ch, max_frames, text_dim
         if size % 2 ** (len(mults) - 1):
-            raise ValueError(f"size {size} must be divisible by {2 ** (len(mults) - 1)} for {len(mults)} levels")
+            raise ValueError(
+                f"size {size} must be divisible by {2 ** (len(mults) - 1)} for {len(mults)} levels"
+            )
         temb = 4 * ch
-        self.text = TextEncoder(vocab_size, text_dim, max_words)
+        self.text = TextEncoder(vocab, text_dim, max_words)
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         chans, last = [ch * m for m in mults], len(mults) - 1
         self.down, self.downsample, c = nn.ModuleList(), nn.ModuleList(), ch
         for i, cout in enumerate(chans):
-            self.down.append(Block(c, cout, temb, text_dim, attention=i > 0))  # attention below full resolution
-            self.downsample.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1) if i < last else nn.Identity())
+            # attention (and so, in V, a temporal module) only below full resolution
+            self.down.append(Block(c, cout, temb, text_dim, attention=i > 0))
+            if i < last:
+                self.downsample.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1))
+            else:
+                self.downsample.append(nn.Identity())
             c = cout
         self.mid = Block(c, c, temb, text_dim, attention=True)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, cout in reversed(list(enumerate(chans))):
             self.up.append(Block(c + cout, cout, temb, text_dim, attention=i > 0))
-            self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(cout, cout, 3, padding=1))
-                                 if i > 0 else nn.Identity())
+            if i > 0:
+                double = nn.Conv2d(cout, cout, 3, padding=1)
+                self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2), double))
+            else:
+                self.upsample.append(nn.Identity())
             c = cout
         self.norm_out, self.conv_out = nn.GroupNorm(groups(c), c), nn.Conv2d(c, 3, 3, padding=1)
 
@@ -254,22 +283,29 @@ class UNet(nn.Module):
         return [*self.down, self.mid, *self.up]
 
     def temporal_blocks(self):
-        """The blocks that carry a temporal module: none in M; in V, those with spatial attention."""
+        """The blocks with a temporal module: none in M; in V, those with spatial attention."""
         return [block for block in self.blocks() if block.temporal is not None]
 
     def check(self, x, t, tokens):
         """One shape check at the door, with a message a user can act on."""
         if x.dim() != 5 or x.shape[1] != 3 or x.shape[-2:] != (self.size, self.size):
-            raise ValueError(f"expected a (B, 3, H, W) image or (B, 3, F, H, W) video with H = W = {self.size}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a (B, 3, H, W) image or (B, 3, F, H, W) video with H = W = {self.size}, "
+                f"got {tuple(x.shape)}"
+            )
         if x.shape[2] > self.max_frames:
-            raise ValueError(f"{x.shape[2]} frames, but the frame-position code covers at most {self.max_frames}")
+            raise ValueError(
+                f"{x.shape[2]} frames, but the frame-position code covers at most {self.max_frames}"
+            )
         if t.shape != (x.shape[0],) or tokens.dim() != 2 or tokens.shape[0] != x.shape[0]:
-            raise ValueError(f"t must be (B,) and tokens (B, L) with B = {x.shape[0]}; "
-                             f"got {tuple(t.shape)} and {tuple(tokens.shape)}")
+            raise ValueError(
+                f"t must be (B,) and tokens (B, L) with B = {x.shape[0]}; "
+                f"got {tuple(t.shape)} and {tuple(tokens.shape)}"
+            )
 
     def forward(self, x, t, tokens):
-        """x: (B, 3, H, W) or (B, 3, F, H, W); t: (B,) timesteps; tokens: (B, L). Returns eps, shaped as x."""
+        """x: (B, 3, H, W) or (B, 3, F, H, W); t: (B,) timesteps; tokens: (B, L). Returns the
+        prediction (eps or v), shaped as x."""
         image = x.dim() == 4
         if image:
             x = x[:, :, None]
@@ -292,13 +328,15 @@ class UNet(nn.Module):
 
 
 def inflate(m):
-    """V from M (Sec. 3.1): a copy with a temporal module after each block that has spatial attention, i.e.
-    below full resolution. M is untouched. (Temporal modules at full resolution too cost a third of V's
-    training step here, and V moved as well without them: README, Performance.)"""
+    """V from M (Sec. 3.1): a copy with a temporal module after each block that has spatial
+    attention, i.e. below full resolution. M is untouched. (Temporal modules at full resolution too
+    cost a third of V's training step here, and V moved as well without them: NOTES.md,
+    Performance.)"""
     v = copy.deepcopy(m)
+    device = next(m.parameters()).device
     for block in v.blocks():
         if block.attn is not None:
-            block.temporal = TemporalModule(block.channels, v.text_dim, v.max_frames).to(next(m.parameters()).device)
+            block.temporal = TemporalModule(block.channels, v.text_dim, v.max_frames).to(device)
     return v
 
 
@@ -312,4 +350,128 @@ def is_adapter(name):
 
 def t2i_state_dict(model):
     """The T2I part (spatial UNet + text encoder) of M, M1 or V: what "injection" copies."""
-    return {k: v for k, v in model.state_dict().items() if not is_temporal(k) and not is_adapter(k)}
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if not is_temporal(k) and not is_adapter(k)}
+
+
+# ---------------------------------------------------------------------------- how fast it runs here
+
+
+def bench(cfg, device, steps=10):
+    """Where V's training step stands against this machine (`python train.py bench`):
+    - forward, backward and optimizer time, and the model FLOPs of a step (FlopCounterMode);
+    - the same-process matmul peak at 2048^3 and at the model's own largest matmul shape, so that
+      achieved / peak means something on any CPU;
+    - the step's share in the ops that do the FLOPs, a ceiling on what fusing the rest could gain;
+    - sampling speed and peak memory."""
+    import resource
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import data
+    from train import Diffusion, generate, new_unet  # here: train.py imports this module
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    v = inflate(new_unet(cfg)).to(device)
+    diffusion = Diffusion(device, cfg.prediction)
+    rng = np.random.default_rng(cfg.seed)
+    clips = [data.random_clip(rng) for _ in range(cfg.video_batch)]
+    x, prompts = data.video_batch(clips, cfg.size, cfg.frames, 0)
+    x, tokens = x.to(device), data.tokenize(prompts).to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    opt = torch.optim.AdamW(v.parameters(), lr=1e-4)
+
+    shapes = []  # (rows, in, out) of every nn.Linear call in one forward pass
+
+    def record(module, inputs, output):
+        rows = inputs[0].numel() // module.in_features
+        shapes.append((rows, module.in_features, module.out_features))
+
+    hooks = [m.register_forward_hook(record) for m in v.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        v(x, torch.zeros(len(x), dtype=torch.long, device=device), tokens)
+    for hook in hooks:
+        hook.remove()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, repeats=1):  # seconds per call, the device synchronised before and after
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / repeats
+
+    def peak(rows, k, n):  # FLOP/s of one (rows x k) @ (k x n) matmul, in the model's dtype
+        dtype = torch.bfloat16 if cuda else torch.float32
+        a = torch.randn(rows, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        timed(lambda: a @ b, 2)  # warm-up
+        return 2 * rows * k * n / timed(lambda: a @ b, 10)
+
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss = diffusion.loss(v, x, tokens, gen)
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    phases = {"forward": forward, "backward": backward, "optimizer": opt.step}
+
+    def one_step():
+        for phase in phases.values():
+            phase()
+
+    clock = dict.fromkeys(phases, 0.0)
+    for step in range(3 + steps):  # the first 3 steps warm up
+        for name, phase in phases.items():
+            seconds = timed(phase)
+            if step >= 3:
+                clock[name] += seconds / steps
+    seconds = sum(clock.values())
+    with FlopCounterMode(display=False) as counter:
+        one_step()
+    with torch.profiler.profile() as prof:  # time per operator (overhead weighs on small ones)
+        one_step()
+    ops = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            ops[event.key] = event.self_device_time_total if cuda else event.self_cpu_time_total
+    heavy = [t for k, t in ops.items() if any(s in k for s in ("conv", "mm", "scaled_dot"))]
+    in_flop_ops = sum(heavy) / sum(ops.values())
+    achieved = counter.get_total_flops() / seconds
+    square = 8192 if cuda else 2048
+    largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    peak_square, peak_model = peak(square, square, square), peak(*largest)
+    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0))
+    if cuda:
+        memory, how = torch.cuda.max_memory_allocated(), "max_memory_allocated"
+    else:
+        memory, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+    parameters = sum(p.numel() for p in v.parameters())
+    phase_ms = " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items())
+    rows, k, n = largest
+    print(
+        f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): V at {cfg.size}px "
+        f"x {cfg.frames} frames, batch {cfg.video_batch} videos, {parameters} parameters\n"
+        f"train: {seconds * 1000:.1f} ms/step = {phase_ms} ms; "
+        f"{cfg.video_batch * cfg.frames / seconds:.0f} frames/s; "
+        f"{achieved * seconds / 1e9:.2f} GFLOP/step, {achieved / 1e9:.1f} GFLOP/s achieved\n"
+        f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} "
+        f"GFLOP/s at the model's largest matmul ({rows} x {k}) @ ({k} x {n}); "
+        f"achieved / peak {achieved / peak_square:.2f} and {achieved / peak_model:.2f}\n"
+        f"time in convolutions, matmuls and attention: {in_flop_ops:.0%} of a step; "
+        f"were all other ops free, {1 / in_flop_ops:.2f}x faster\n"
+        f"sampling: {videos_per_s:.2f} videos/s "
+        f"(DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
+        f"peak memory: {memory / 2**20:.0f} MiB ({how})\n"
+        f"MFU {achieved / peak_square:.3f}"
+    )
+    return achieved / peak_square
