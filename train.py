@@ -296,7 +296,7 @@ def generate(model, diffusion, prompts, cfg, seed, video=True):
         model.compile()
     frames = (cfg.frames,) if video else ()
     out = []
-    for i in range(0, len(prompts), cfg.sample_batch):
+    for i in tqdm(range(0, len(prompts), cfg.sample_batch), desc="sampling", leave=False):
         tokens = data.tokenize(prompts[i : i + cfg.sample_batch]).to(device)
         shape = (len(tokens), 3, *frames, cfg.size, cfg.size)
         out.append(
