@@ -487,7 +487,7 @@ def sample_command(args):
     video = ((video + 1) / 2).clamp(0, 1).numpy()
     path = os.path.splitext(args.out)[0]
     data.save_figure(path, [[video[0]]], [args.method], [args.prompt], f"seed {args.seed}")
-    print(f"wrote {args.out}: {args.prompt!r}, method {method}, motion scale {args.motion_scale}")
+    print(f"wrote {path}.gif and .png: {args.prompt!r}, {method}, motion scale {args.motion_scale}")
 
 
 def parse(argv):

@@ -490,25 +490,25 @@ def test_stage_reuse_and_a_changed_field_remakes_the_stage(tmp_path):
         wider.stage("demo", make)
 
 
-def remade(**changes):
+def remade(folder, **changes):
     """The stages whose signature a config change alters: those a re-run makes again."""
-    before = Run(QUICK, "/tmp", CPU)
-    after = Run(train.Config(**{**QUICK.__dict__, **changes}), "/tmp", CPU)
+    before = Run(QUICK, str(folder), CPU)
+    after = Run(train.Config(**{**QUICK.__dict__, **changes}), str(folder), CPU)
     stages = [*train.STAGES]
     for concept in stillmoving.CONCEPTS:
         stages += [f"spatial_{concept}_{variant}" for variant in stillmoving.VARIANTS]
     return {s for s in stages if before.signature(s) != after.signature(s)}
 
 
-def test_a_changed_field_remakes_exactly_the_stages_that_read_it():
+def test_a_changed_field_remakes_exactly_the_stages_that_read_it(tmp_path):
     spatial = {f"spatial_{c}_{v}" for c in ("subject", "style") for v in stillmoving.VARIANTS}
     style_spatial = {s for s in spatial if "_style_" in s}
-    assert remade(spatial_rank=4) == spatial
-    assert remade(style_steps=7) == {"custom_style", "m1_images_style"} | style_spatial
-    assert remade(motion_steps=7) == {"motion_adapter"} | spatial
-    assert remade(t2v_steps=7) == {"t2v", "motion_adapter"} | spatial
-    assert remade(seed=1) == set(train.STAGES) | spatial  # everything
-    assert remade(eval_videos=8, compile=True, ckpt_every=3, preset="other") == set()
+    assert remade(tmp_path, spatial_rank=4) == spatial
+    assert remade(tmp_path, style_steps=7) == {"custom_style", "m1_images_style"} | style_spatial
+    assert remade(tmp_path, motion_steps=7) == {"motion_adapter"} | spatial
+    assert remade(tmp_path, t2v_steps=7) == {"t2v", "motion_adapter"} | spatial
+    assert remade(tmp_path, seed=1) == set(train.STAGES) | spatial  # everything
+    assert remade(tmp_path, eval_videos=8, compile=True, ckpt_every=3, preset="other") == set()
 
 
 def test_an_adapter_experiment_reuses_m_v_and_m1(quick_run, tmp_path):
