@@ -452,7 +452,7 @@ TRAIL = (255, 0, 200)  # magenta: seen on the black ground and on the style's gr
 def _draw_trail(draw, points, x, y, scale):
     """The object's path: its centre in each frame joined by a line, a ring on the first frame's
     centre and a dot on the last's. `points` are (x, y) pixels of the video, or None."""
-    known = [(x + px * scale, y + py * scale) for px, py in (p for p in points if p is not None)]
+    known = [(x + p[0] * scale, y + p[1] * scale) for p in points if p is not None]
     if len(known) > 1:
         draw.line(known, fill=TRAIL, width=2)
     for px, py in known[1:-1]:
@@ -468,7 +468,7 @@ def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
 
     The PNG shows each video's first frame with the object's path over all its frames drawn on it
     (a straight line: it moves steadily; a zigzag: it jumps about; a dot: it stands still). The GIF
-    plays the frames, the path drawn as far as they have gone."""
+    plays the frames, the path drawn as far as they have gone. Images (F = 1) get no path."""
     C, F, H, W = grid[0][0].shape
     scale = max(1, cell // W)
     side, gap, left = W * scale, 6, 180
@@ -484,7 +484,8 @@ def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
         canvas = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(canvas)
         draw.text((6, 4), title, fill="black", font=font)
-        draw.text((6, 22), legend, fill=(90, 90, 90), font=font)
+        if F > 1:
+            draw.text((6, 22), legend, fill=(90, 90, 90), font=font)
         for j, head in enumerate(heads):
             draw.multiline_text((left + j * (side + gap), 42), head, fill="black", font=font)
         for i, row in enumerate(grid):

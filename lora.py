@@ -290,16 +290,20 @@ class RunFolder:
             signed[field] = list(value) if isinstance(value, tuple) else value
         return signed
 
-    def changes(self, saved, stage):
-        """The fields of `stage`'s signature whose value in the `saved` signature differs."""
-        ours = self.signature(stage)
-        return [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+    def read(self, path, stage, remedy):
+        """The checkpoint of `stage` at `path`, and the fields of the stage's signature whose saved
+        value differs from this config's, as "field=saved (now ours)"."""
+        state = load_file(path, remedy)
+        saved, ours = state.get("config", {}), self.signature(stage)
+        changed = [
+            f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v
+        ]
+        return state, changed
 
     def load(self, path, stage):
         """Load a checkpoint of `stage`, refusing one made from other config values."""
         remake = f"re-run `python stillmoving.py --out {self.dir}` to re-make stage {stage!r}"
-        state = load_file(path, f"Delete it and {remake}.")
-        changed = self.changes(state.get("config", {}), stage)
+        state, changed = self.read(path, stage, f"Delete it and {remake}.")
         if changed:
             raise ConfigMismatch(
                 f"{path} was made with another config: {', '.join(changed[:4])}; "
@@ -312,8 +316,8 @@ class RunFolder:
         stage's fields; else None, saying which field changed."""
         if not os.path.exists(path):
             return None
-        state = load_file(path, f"Delete it, or start over with --fresh (stage {stage!r}).")
-        changed = self.changes(state.get("config", {}), stage)
+        remedy = f"Delete it, or start over with --fresh (stage {stage!r})."
+        state, changed = self.read(path, stage, remedy)
         if changed:
             tqdm.write(f"[{stage}] made with {', '.join(changed[:4])}: making it again")
             return None
