@@ -401,7 +401,25 @@ def summarize(per_video, seed=0, resamples=1000):
     return {**out, "ci95": ci}
 
 
-# ---------------------------------------------------------------------- reading the rows of a table
+# -------------------------------------------------------------------- the rows of the results table
+
+
+def measure(method, concept, alpha, videos, clips):
+    """One row of the results table: every metric of video_metrics, averaged over the videos,
+    with bootstrap 95% CIs."""
+    if torch.is_tensor(videos):
+        videos = ((videos + 1) / 2).clamp(0, 1).numpy()
+    stats = summarize([video_metrics(x, c) for x, c in zip(videos, clips)])
+    prompts = "concept" if clips[0].concept else "ordinary"
+    row = {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts}
+    return {**row, "n_videos": len(clips), **stats}
+
+
+def measure_images(images, clips):
+    """Generated still images (N, 3, H, W) in [-1, 1], judged as video frames are (image_metrics),
+    with bootstrap 95% CIs."""
+    images = ((images + 1) / 2).clamp(0, 1).numpy()
+    return summarize(list(map(image_metrics, images, clips)))
 
 
 def find(rows, method, concept=None, alpha=None, prompts=None):
@@ -417,8 +435,9 @@ def lower(a, key, b):
 
 
 def worse(a, b, key):
-    """a is worse than b on a symptom, CIs apart: lower fidelity or consistency, more artifacts."""
-    return lower(b, key, a) if key == "artifacts" else lower(a, key, b)
+    """a is worse than b on a symptom, CIs apart: lower fidelity or consistency, more artifacts
+    or jitter."""
+    return lower(b, key, a) if key in ("artifacts", "jitter") else lower(a, key, b)
 
 
 def ci(row, key):

@@ -206,6 +206,12 @@ def load_adapter(model, state, kind):
     return load_adapter_state_dict(model, on_device, kind)
 
 
+def with_motion_adapter(model, state, alpha):
+    """model + the trained motion adapter at scale alpha (1: static, 0: V, < 0: more motion)."""
+    model = load_adapter(add_motion_adapter(model, rank_of(state)), state, MOTION)
+    return set_scale(model, alpha)
+
+
 # -------------------------------------------------------------------------------------------- files
 
 
@@ -392,6 +398,11 @@ def results_markdown(results):
     for c in results["claims"]:
         verdict = "HOLDS" if c["holds"] else "FAILS"
         lines.append(f"| {c['id']}: {c['text']} | {verdict} | {c['evidence']} |")
+    if results.get("c3_before_jitter"):
+        lines += ["", "For the record, C3 as it was judged before jitter joined its symptoms:", ""]
+        for c in results["c3_before_jitter"]:
+            verdict = "HOLDS" if c["holds"] else "FAILS"
+            lines.append(f"- {c['id']}: {verdict} ({c['evidence']})")
     return "\n".join(lines) + "\n"
 
 

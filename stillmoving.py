@@ -67,12 +67,6 @@ def train_motion_adapter(run, v):
     return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.motion_lr)
 
 
-def with_motion_adapter(model, state, alpha):
-    """model + the trained motion adapter at scale alpha (1: static, 0: V, < 0: more motion)."""
-    model = lora.load_adapter(lora.add_motion_adapter(model, lora.rank_of(state)), state, MOTION)
-    return lora.set_scale(model, alpha)
-
-
 # ----------------------------------------------------------------------- Sec. 3.3: spatial adapters
 
 
@@ -110,17 +104,11 @@ def m1_images(run, m1, concept):
     return {"images": images, "prompts": prompts}
 
 
-def m1_image_metrics(cfg, generated, concept):
-    """M1's own images, judged as the video frames are (data.image_metrics), with 95% CIs."""
-    images = ((generated["images"] + 1) / 2).clamp(0, 1).numpy()
-    return data.summarize(list(map(data.image_metrics, images, m1_clips(cfg, concept))))
-
-
 def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
     """Inject M1 into V, add a spatial adapter after each injected block, and train only those on
     frozen videos of M1's images (motion adapter at alpha = 1) plus real videos (alpha = 0)."""
     cfg, dev, use = run.cfg, run.device, VARIANTS[variant]
-    model = with_motion_adapter(inject(v, m1), motion, 1.0)
+    model = lora.with_motion_adapter(inject(v, m1), motion, 1.0)
     model = lora.add_spatial_adapters(model, cfg.spatial_rank)
     params = lora.mark_only_adapters_trainable(model, SPATIAL)  # motion adapter, M1, V: frozen
     images, prompts = generated["images"], generated["prompts"]
@@ -181,7 +169,7 @@ def build(parts, method, concept=None, alpha=0.0):
             model = lora.add_spatial_adapters(model, lora.rank_of(state))
             model = lora.load_adapter(model, state, SPATIAL)
     if alpha != 0:
-        model = with_motion_adapter(model, parts["motion"], alpha)
+        model = lora.with_motion_adapter(model, parts["motion"], alpha)
     return model.eval()
 
 
@@ -197,16 +185,6 @@ def eval_clips(cfg, concept):
     directions = list(data.DIRECTIONS)
     clips = [data.random_clip(rng, concept) for _ in range(cfg.eval_videos)]
     return [replace(clip, direction=directions[i % 4]) for i, clip in enumerate(clips)]
-
-
-def measure(method, concept, alpha, videos, clips):
-    """One row: every metric of data.video_metrics, averaged over videos, with bootstrap 95% CIs."""
-    if torch.is_tensor(videos):
-        videos = ((videos + 1) / 2).clamp(0, 1).numpy()
-    stats = data.summarize([data.video_metrics(x, c) for x, c in zip(videos, clips)])
-    prompts = "concept" if clips[0].concept else "ordinary"
-    row = {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts}
-    return {**row, "n_videos": len(clips), **stats}
 
 
 def evaluate(run, parts):
@@ -226,14 +204,14 @@ def evaluate(run, parts):
     for alpha in ALPHAS:
         videos = sample(build(parts, "motion_scale", alpha=alpha), ordinary)
         if alpha == 0:  # alpha = 0 is exactly V (tested): this row is also V's own
-            rows.append(measure("base_t2v", None, None, videos, ordinary))
-        rows.append(measure("motion_scale", None, alpha, videos, ordinary))
+            rows.append(data.measure("base_t2v", None, None, videos, ordinary))
+        rows.append(data.measure("motion_scale", None, alpha, videos, ordinary))
         shown["alpha", alpha] = videos
     for concept in CONCEPTS:
         clips = eval_clips(cfg, concept)
         real = [data.render_video(c, cfg.size, cfg.frames, [seed, i]) for i, c in enumerate(clips)]
         shown["real", concept] = real = data.to_model(np.stack(real))
-        rows.append(measure("real", concept, None, real, clips))
+        rows.append(data.measure("real", concept, None, real, clips))
         moving = {"base_t2v": moving_loss(parts["v"], real, clips)}
         gaps[concept] = {"frozen_alpha_1": frozen_gap(run, parts, concept, seed)}
         gaps[concept]["moving_alpha_0"] = moving
@@ -241,9 +219,9 @@ def evaluate(run, parts):
             model = build(parts, method, concept)
             moving[method] = moving_loss(model, real, clips)
             shown[method, concept] = sample(model, clips)
-            rows.append(measure(method, concept, None, shown[method, concept], clips))
+            rows.append(data.measure(method, concept, None, shown[method, concept], clips))
             if method in ("still_moving", "no_prior_preservation"):  # does it still do what V does?
-                rows.append(measure(method, concept, None, sample(model, ordinary), ordinary))
+                rows.append(data.measure(method, concept, None, sample(model, ordinary), ordinary))
     return rows, gaps, shown
 
 
@@ -271,39 +249,51 @@ def claim(name, text, holds, evidence):
     return {"id": name, "text": text, "holds": bool(holds), "evidence": evidence}
 
 
-SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts")  # what naive injection breaks
+SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")  # C3, issue 24
+
+
+def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
+    """C3a (naive injection breaks the concept: below M1's images on custom fidelity, or worse than
+    V on another symptom, CIs apart) and C3b (Still-Moving repairs it), judged on `symptoms`."""
+    base = data.find(rows, "base_t2v")
+    naive, sm = data.find(rows, "naive_injection", c), data.find(rows, "still_moving", c)
+    healthy = dict.fromkeys(SYMPTOMS[1:], base) | {"custom_fidelity": m1_image}
+    broken = [k for k in symptoms if data.worse(naive, healthy[k], k)]
+    better = [k for k in symptoms if data.worse(naive, sm, k)]
+    hurt = [k for k in symptoms if data.worse(sm, naive, k)]
+    others = [k.replace("_", " ") for k in symptoms[1:]]
+    shown = [k for k in ("temporal_consistency", "jitter") if k in symptoms]
+    return [
+        claim(
+            f"C3a_{c}{tag}",
+            f"naive injection breaks the {c}: below M1's images on custom fidelity, or worse than "
+            f"V on {', '.join(others[:-1])} or {others[-1]}, CIs apart",
+            broken,
+            f"broken on {', '.join(broken) or 'none'}: M1 images {m1_image['custom_fidelity']:.3f}"
+            + "".join(f"; {data.side_by_side(k, naive=naive, V=base)}" for k in shown)
+            + f"; artifacts naive {naive['artifacts']:.4f}",
+        ),
+        claim(
+            f"C3b_{c}{tag}",
+            f"Still-Moving repairs the {c}: better than naive injection on one of those "
+            f"{len(symptoms)}, CIs apart, and worse on none",
+            better and not hurt,
+            f"better on {', '.join(better) or 'none'}, worse on {', '.join(hurt) or 'none'}"
+            + "".join(f"; {data.side_by_side(k, SM=sm, naive=naive)}" for k in shown),
+        ),
+    ]
 
 
 def concept_claims(rows, m1_image, c):
     """C3, C4, C5, C7 for one concept: naive injection against Still-Moving and the ablations."""
-    base = data.find(rows, "base_t2v")
-    naive, sm = data.find(rows, "naive_injection", c), data.find(rows, "still_moving", c)
+    base, sm = data.find(rows, "base_t2v"), data.find(rows, "still_moving", c)
     no_motion_adapter = data.find(rows, "no_motion_adapter", c)
     sm_ordinary = data.find(rows, "still_moving", c, prompts="ordinary")
     no_prior_ordinary = data.find(rows, "no_prior_preservation", c, prompts="ordinary")
-    healthy = {"custom_fidelity": m1_image, "temporal_consistency": base, "artifacts": base}
-    broken = [k for k in SYMPTOMS if data.worse(naive, healthy[k], k)]
-    better = [k for k in SYMPTOMS if data.worse(naive, sm, k)]
-    hurt = [k for k in SYMPTOMS if data.worse(sm, naive, k)]
     m1_fidelity = m1_image["custom_fidelity"]
+    direction = f"direction accuracy SM {sm['direction_accuracy']:.3f}, V (ordinary prompts) "
     return [
-        claim(
-            f"C3a_{c}",
-            f"naive injection breaks the {c}: below M1's images on custom fidelity, or worse than "
-            "V on temporal consistency or artifacts, CIs apart",
-            broken,
-            f"broken on {', '.join(broken) or 'none'}: M1 images {m1_fidelity:.3f}, "
-            + data.side_by_side("temporal_consistency", naive=naive, V=base)
-            + f"; artifacts naive {naive['artifacts']:.4f}",
-        ),
-        claim(
-            f"C3b_{c}",
-            f"Still-Moving repairs the {c}: better than naive injection on one of those three, "
-            "CIs apart, and worse on none",
-            better and not hurt,
-            f"better on {', '.join(better) or 'none'}, worse on {', '.join(hurt) or 'none'}: "
-            + data.side_by_side("temporal_consistency", SM=sm, naive=naive),
-        ),
+        *c3_claims(rows, m1_image, c),
         claim(
             f"C4a_{c}",
             f"Still-Moving keeps V's motion ({c}): within 25% of V's",
@@ -316,6 +306,13 @@ def concept_claims(rows, m1_image, c):
             "motion at most 50% of V's",
             no_motion_adapter["motion"] <= 0.5 * base["motion"],
             data.motion_vs(no_motion_adapter, base),
+        ),
+        claim(
+            f"C4c_{c}",
+            f"Still-Moving keeps V's direction ({c}): its direction accuracy on the {c}'s prompts "
+            "is at least 75% of V's on ordinary prompts",
+            sm["direction_accuracy"] >= 0.75 * base["direction_accuracy"],
+            direction + f"{base['direction_accuracy']:.3f}",
         ),
         claim(
             f"C5_{c}",
@@ -423,11 +420,14 @@ def main(cfg, out, device):
     rows, gaps, shown = evaluate(run, parts)
     write_figures(run, shown)
     run.seconds["evaluate"] = round(time.time() - eval_start, 2)
-    m1_images = {c: m1_image_metrics(cfg, parts["generated"][c], c) for c in CONCEPTS}
+    m1_images = {}  # M1's own images, judged as the video frames are
+    for c in CONCEPTS:
+        m1_images[c] = data.measure_images(parts["generated"][c]["images"], m1_clips(cfg, c))
     spatial = parts["spatial"]["subject", "still_moving"]
     params = {"unet": sum(t.numel() for t in parts["v"].parameters())}
     params["motion_adapter"] = sum(t.numel() for t in parts["motion"].values())
     params["spatial_adapter"] = sum(t.numel() for t in spatial.values())
+    before = [c3_claims(rows, m1_images[c], c, SYMPTOMS[:3], " (3 symptoms)") for c in CONCEPTS]
     results = {
         "preset": cfg.preset,
         "device": str(device),
@@ -441,6 +441,7 @@ def main(cfg, out, device):
         "denoising_gap": gaps,
         "rows": rows,
         "claims": check_claims(rows, params, m1_images),
+        "c3_before_jitter": sum(before, []),  # for the record: C3 as it was before issue 24
     }
     table = lora.results_markdown(results)
     lora.save_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))

@@ -471,6 +471,49 @@ def test_metrics_score_real_videos_ideal_and_corrupted_ones_worse(concept):
 # ---------------------------------------------------------------------------- stages and the recipe
 
 
+def claim_rows(naive_jitter, sm_direction):
+    """A results table whose answers are known: every row is healthy and alike (V's numbers), except
+    naive injection's jitter and Still-Moving's direction accuracy on the concept's prompts."""
+    keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity")
+    keys += ("temporal_consistency", "artifacts")
+    healthy = dict(zip(keys, (0.8, 0.05, 1.0, 1.0, 1.0, 1.0, 0.0)))
+
+    def row(method, concept=None, alpha=None, prompts=None, **changed):
+        values = {**healthy, **changed}
+        prompts = prompts or ("concept" if concept else "ordinary")
+        head = {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts}
+        ci95 = {k: [v - 0.01, v + 0.01] for k, v in values.items()}
+        return {**head, "n_videos": 32, **values, "ci95": ci95}
+
+    rows = [row("base_t2v"), row("motion_scale", alpha=1.0, motion=0.05)]
+    rows.append(row("motion_scale", alpha=-1.0, motion=1.0))
+    for c in stillmoving.CONCEPTS:
+        rows.append(row("naive_injection", c, jitter=naive_jitter))
+        rows.append(row("still_moving", c, direction_accuracy=sm_direction))
+        rows.append(row("still_moving", c, prompts="ordinary"))
+        rows.append(row("no_motion_adapter", c, motion=0.2))
+        rows.append(row("no_prior_preservation", c, prompts="ordinary", prompt_fidelity=0.5))
+    m1_image = {"custom_fidelity": 1.0, "ci95": {"custom_fidelity": [1.0, 1.0]}}
+    params = {"unet": 1000, "motion_adapter": 10, "spatial_adapter": 10}
+    return rows, params, dict.fromkeys(stillmoving.CONCEPTS, m1_image)
+
+
+def verdicts(rows, params, m1_images):
+    return {c["id"]: c["holds"] for c in stillmoving.check_claims(rows, params, m1_images)}
+
+
+def test_c3_counts_jitter_and_c4c_asks_for_three_quarters_of_v_direction():
+    jumpy = verdicts(*claim_rows(naive_jitter=1.5, sm_direction=0.75))
+    assert jumpy["C3a_style"] and jumpy["C3b_subject"]  # the wobble alone breaks and is repaired
+    assert jumpy["C4c_style"] and jumpy["C4c_subject"]  # 0.75 of V's 1.0: just enough
+    assert all(jumpy.values())  # the known answer: every claim of this table holds
+    calm = verdicts(*claim_rows(naive_jitter=0.05, sm_direction=0.74))
+    assert not calm["C3a_style"] and not calm["C3b_style"] and not calm["C4c_subject"]
+    rows, _, m1_images = claim_rows(naive_jitter=1.5, sm_direction=0.75)
+    before = stillmoving.c3_claims(rows, m1_images["style"], "style", stillmoving.SYMPTOMS[:3])
+    assert [c["holds"] for c in before] == [False, False]  # three symptoms cannot see the wobble
+
+
 def test_stage_reuse_and_a_changed_field_remakes_the_stage(tmp_path):
     calls = []
 
@@ -564,6 +607,7 @@ def test_quick_run_writes_every_output(quick_run):
         "denoising_gap",
         "rows",
         "claims",
+        "c3_before_jitter",
     }
     methods = {(r["method"], r["concept"], r["alpha"]) for r in saved["rows"]}
     assert all(
