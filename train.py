@@ -48,7 +48,7 @@ class Config:
     custom_mode: str = "full"  # "full" fine-tuning (DreamBooth) or "lora"
     custom_rank: int = 4  # the LoRA's rank when custom_mode is "lora"
     custom_batch: int = 64  # images per customization step: half stills, half prior images
-    custom_steps: int = 300  # the subject's M1: one object to learn
+    custom_steps: int = 600  # the subject's M1: one object to learn (300: NOTES.md, issue 24)
     style_steps: int = 1000  # the style's M1: twelve contents on a new ground (NOTES.md)
     custom_lr: float = 1e-3
     n_stills: int = 12  # still images per concept
