@@ -253,8 +253,7 @@ SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")  #
 
 
 def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
-    """C3a (naive injection breaks the concept: below M1's images on custom fidelity, or worse than
-    V on another symptom, CIs apart) and C3b (Still-Moving repairs it), judged on `symptoms`."""
+    """C3a (naive injection breaks the concept) and C3b (Still-Moving repairs it) on `symptoms`."""
     base = data.find(rows, "base_t2v")
     naive, sm = data.find(rows, "naive_injection", c), data.find(rows, "still_moving", c)
     healthy = dict.fromkeys(SYMPTOMS[1:], base) | {"custom_fidelity": m1_image}
