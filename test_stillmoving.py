@@ -551,6 +551,10 @@ def test_a_changed_field_remakes_exactly_the_stages_that_read_it(tmp_path):
     assert remade(tmp_path, motion_steps=7) == {"motion_adapter"} | spatial
     assert remade(tmp_path, t2v_steps=7) == {"t2v", "motion_adapter"} | spatial
     assert remade(tmp_path, seed=1) == set(train.STAGES) | spatial  # everything
+    assert remade(tmp_path, image_batch=4) == set(train.STAGES) | spatial  # M is below everything
+    m1_stages = set(train.STAGES) - {"t2i", "t2v", "motion_adapter"}
+    assert remade(tmp_path, custom_batch=4) == m1_stages | spatial  # M and V kept
+    assert remade(tmp_path, sample_steps=5) == m1_stages | spatial  # M1 learns from M's samples
     assert remade(tmp_path, eval_videos=8, compile=True, ckpt_every=3, preset="other") == set()
 
 
