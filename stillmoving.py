@@ -249,7 +249,7 @@ def claim(name, text, holds, evidence):
     return {"id": name, "text": text, "holds": bool(holds), "evidence": evidence}
 
 
-SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")  # C3, issue 24
+SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")  # jitter: issue 24
 
 
 def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
@@ -334,7 +334,7 @@ def concept_claims(rows, m1_image, c):
 
 def check_claims(rows, params, m1_images):
     """The paper's claims (PAPER.md) as fixed tests on measured numbers ("CIs apart": the bootstrap
-    95% intervals do not overlap), fixed before the seed runs of issue 13 and never tuned after."""
+    95% intervals do not overlap), fixed before the runs that judged them: issues 13, 23 and 24."""
     base = data.find(rows, "base_t2v")
     static = data.find(rows, "motion_scale", alpha=1.0)
     more = data.find(rows, "motion_scale", alpha=-1.0)
