@@ -118,8 +118,9 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
     def loss(rng, gen):
         i = rng.integers(0, len(images), half)
         frozen = data.repeat_frames(images[i], cfg.frames)  # (B, 3, F, H, W): a still, F times
+        captions = [f"{prompts[k]} moving {rng.choice(list(data.DIRECTIONS))}" for k in i]
         lora.set_scale(model, 1.0 if use["motion_adapter"] else 0.0)
-        tokens = data.tokenize([prompts[k] for k in i]).to(dev)  # M1's own prompt: no motion word
+        tokens = data.tokenize(captions).to(dev)
         total = run.diffusion.loss(model, frozen.to(dev), tokens, gen)
         if use["prior"]:
             j = rng.integers(0, len(real), half)
@@ -230,7 +231,9 @@ def frozen_gap(run, parts, concept, seed):
     and for Still-Moving, at each of GAP_TIMESTEPS with the same noise for both."""
     generated = parts["generated"][concept]
     frozen = data.repeat_frames(generated["images"], run.cfg.frames)  # (B, 3, F, H, W)
-    tokens = data.tokenize(generated["prompts"])  # captioned as in training: no motion words
+    directions = list(data.DIRECTIONS)
+    captions = [f"{p} moving {directions[i % 4]}" for i, p in enumerate(generated["prompts"])]
+    tokens = data.tokenize(captions)
     losses = {}
     for method in ("naive_injection", "still_moving"):
         model = build(parts, method, concept, alpha=1.0)
