@@ -7,22 +7,22 @@ world where the renderer *is* the truth:
 - a video is one shape (circle, square, triangle) of one colour moving at constant speed in one of
   four directions, captioned "a red circle moving left";
 - the custom **subject** is a two-tone star, named by the rare token "sks" ("a sks object");
-- the custom **style** draws the shape on a light grey ground instead of black, named by "zxq"
-  ("a red circle in zxq style"). It changes every pixel of the frame, as a palette or texture style
-  does: the kind of customization that moves the features V's temporal layers read the most.
+- the custom **style** draws the shape on a grey ground instead of black (its grey is a config
+  field, `style_ground`), named by "zxq" ("a red circle in zxq style"). It changes every pixel of
+  the frame, as a palette or texture style does: the kind of customization that moves the features
+  V's temporal layers read the most, and the lighter the grey, the further it moves them.
 
 The base models never see either concept. The metrics classify each generated frame by matching it
-against this renderer's templates, so "fidelity" is a measured fact, not a learned score.
+against this renderer's templates, so "fidelity" is a measured fact, not a learned score. How the
+claims are judged from these metrics lives with the method, in stillmoving.py.
 
 Run `python -m pytest -q -k render` to check the renderer; there is no entry point here.
 """
 
-import textwrap
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 # --------------------------------------------------------------------------------------- vocabulary
 
@@ -40,7 +40,7 @@ PAD = "<pad>"
 WORDS = ["a", *COLORS, *SHAPES, "moving", *DIRECTIONS, "in", "style", "object"]
 VOCAB = [PAD, *WORDS, SUBJECT_TOKEN, STYLE_TOKEN]
 MAX_WORDS = 8  # "a red circle in zxq style moving left"
-STYLE_BACKGROUND = (0.85, 0.85, 0.85)  # the custom style's ground; every other clip is on black
+STYLE_SEEN = 0.5  # a frame's ground is the style's when its grey is above this
 FG_THRESHOLD = 0.35  # foreground: some channel differs from the background by more than this
 
 
@@ -68,18 +68,28 @@ def tokenize(prompts):
 
 @dataclass(frozen=True)
 class Clip:
-    """What one video shows. kind is a base shape or "subject"; style=True is the custom style."""
+    """What one video shows: a base shape or "subject", its colour, its direction, and the grey of
+    its ground (0: black, as every ordinary clip; the custom style's grey, or what a classified
+    frame's ground measured)."""
 
     kind: str
     color: str
     direction: str
-    style: bool = False
+    ground: float = 0.0
+
+    @property
+    def style(self):
+        return self.ground > STYLE_SEEN
 
     @property
     def concept(self):
         if self.kind == "subject":
             return "subject"
         return "style" if self.style else None
+
+    def look(self):
+        """What the classifier tells apart: shape, colour and whether the ground is the style's."""
+        return self.kind, self.color, self.style
 
     def image_prompt(self):
         if self.kind == "subject":
@@ -90,13 +100,18 @@ class Clip:
         return f"{self.image_prompt()} moving {self.direction}"
 
 
-def random_clip(rng, concept=None):
-    """An ordinary clip (concept=None), or one of the "subject" or "style" concept."""
+def random_clip(rng, concept=None, style_ground=None):
+    """An ordinary clip (concept=None), or one of the "subject" or "style" concept; a style clip is
+    drawn on the grey `style_ground`."""
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
     direction = rng.choice(list(DIRECTIONS))
     if concept == "subject":
         return Clip("subject", "subject", direction)
-    return Clip(shape, color, direction, style=concept == "style")
+    if concept == "style":
+        if style_ground is None or not style_ground > STYLE_SEEN:
+            raise ValueError(f"a style clip needs a ground grey above {STYLE_SEEN}")
+        return Clip(shape, color, direction, style_ground)
+    return Clip(shape, color, direction)
 
 
 def concept_of(prompt):
@@ -138,8 +153,8 @@ def _inside(kind, dx, dy, r):
 
 def render(clip, cx, cy, size, background=None, supersample=4):
     """One anti-aliased RGB frame (3, size, size) in [0, 1]: the clip's shape centred at (cx, cy)
-    px, on its own ground (light for the style, else black) unless `background` (an RGB triple)
-    is given. Drawn at `supersample` times the resolution, then box-filtered down."""
+    px, on its own grey ground unless `background` (an RGB triple) is given. Drawn at `supersample`
+    times the resolution, then box-filtered down."""
     n = size * supersample
     grid = (np.arange(n) + 0.5) / supersample
     dx, dy = grid[None, :] - cx, grid[:, None] - cy  # (n, n) each, broadcast
@@ -152,7 +167,7 @@ def render(clip, cx, cy, size, background=None, supersample=4):
     else:
         color = np.array(COLORS[clip.color])[:, None, None]
     if background is None:
-        background = STYLE_BACKGROUND if clip.style else (0.0, 0.0, 0.0)
+        background = (clip.ground,) * 3
     ground = np.asarray(background, dtype=np.float64)[:, None, None]
     image = np.where(inside[None], color, ground)  # (3, n, n)
     return image.reshape(3, size, supersample, size, supersample).mean((2, 4)).astype(np.float32)
@@ -247,7 +262,7 @@ def shift(images, rng):
     return moved
 
 
-def concept_stills(concept, n, size, frames, seed):
+def concept_stills(concept, n, size, frames, seed, style_ground=None):
     """The few still images a user brings to customize M (DreamBooth / StyleDrop), fixed by the
     seed.
 
@@ -256,7 +271,7 @@ def concept_stills(concept, n, size, frames, seed):
     shape and no red square, and only 0.53 of M1's style images had the prompted colour and shape
     (NOTES.md, finding 4)."""
     rng = np.random.default_rng([seed, 7])
-    clips = [random_clip(rng, concept) for _ in range(n)]
+    clips = [random_clip(rng, concept, style_ground) for _ in range(n)]
     if concept == "style":
         contents = [(kind, color) for kind in SHAPES for color in COLORS]
         order = rng.permutation(len(contents))
@@ -301,9 +316,10 @@ def classify(frame):
     """What a (3, H, W) frame in [0, 1] shows, and its stray pixels.
 
     Every base shape x colour, and the subject, is rendered at the foreground centroid on the
-    frame's own ground; the one with the least squared error wins, and a light ground marks the
-    style. Stray pixels are foreground pixels more than one pixel away from the winner's shape: the
-    artifacts. Returns (Clip or None, stray share of the background, centre)."""
+    frame's own ground; the one with the least squared error wins, and the ground's grey is kept
+    (a ground above STYLE_SEEN is the style's). Stray pixels are foreground pixels more than one
+    pixel away from the winner's shape: the artifacts. Returns (Clip or None, stray share of the
+    background, centre)."""
     ground = background(frame)
     centre = _centroid(frame, ground)
     if centre is None:
@@ -313,13 +329,13 @@ def classify(frame):
     shape = torch.from_numpy(_foreground(renders[best], ground) > 0.05)[None].float()
     far = torch.nn.functional.max_pool2d(shape, 3, 1, 1)[0].numpy() == 0
     stray = (_foreground(frame, ground) > FG_THRESHOLD) & far
-    label = replace(_TEMPLATES[best], style=bool(ground.mean() > 0.5))
+    label = replace(_TEMPLATES[best], ground=float(ground.mean()))
     return label, float(stray.sum() / max(1, far.sum())), centre
 
 
 def matches(label, clip):
-    """Whether a classified frame shows the clip's concept (the subject, or the style's light
-    ground), its colour and its shape."""
+    """Whether a classified frame shows the clip's concept (the subject, or the style's ground), its
+    colour and its shape."""
     found = label is not None
     if clip.concept == "subject":
         custom = found and label.kind == "subject"
@@ -366,7 +382,9 @@ def video_metrics(video, clip):
     words = [direction]
     if clip.kind != "subject":
         words += [np.mean([f[k] for f in found]) for k in ("color", "shape")]
-    same = [a is not None and a == b for a, b in zip(labels, labels[1:])]
+    same = [
+        a is not None and b is not None and a.look() == b.look() for a, b in zip(labels, labels[1:])
+    ]
     custom = float(np.mean([f["custom"] for f in found])) if clip.concept else None
     return {
         "motion": travel,
@@ -420,106 +438,3 @@ def measure_images(images, clips):
     with bootstrap 95% CIs."""
     images = ((images + 1) / 2).clamp(0, 1).numpy()
     return summarize(list(map(image_metrics, images, clips)))
-
-
-def find(rows, method, concept=None, alpha=None, prompts=None):
-    """The row of a method (and concept, alpha); by default sampled with the concept's prompts."""
-    prompts = prompts or ("concept" if concept else "ordinary")
-    wanted = (method, concept, alpha, prompts)
-    return next(r for r in rows if (r["method"], r["concept"], r["alpha"], r["prompts"]) == wanted)
-
-
-def lower(a, key, b):
-    """a[key] lies below b[key], their bootstrap 95% intervals apart."""
-    return a["ci95"][key][1] < b["ci95"][key][0]
-
-
-def worse(a, b, key):
-    """a is worse than b on a symptom, CIs apart: lower fidelity or consistency, more artifacts
-    or jitter."""
-    return lower(b, key, a) if key in ("artifacts", "jitter") else lower(a, key, b)
-
-
-def ci(row, key):
-    low, high = row["ci95"][key]
-    return f"[{low:.3f}, {high:.3f}]"
-
-
-def motion_ci(row):
-    return f"{row['motion']:.3f} {ci(row, 'motion')}"
-
-
-def motion_vs(row, base):
-    return f"motion {motion_ci(row)} vs V {motion_ci(base)} px/frame"
-
-
-def side_by_side(key, **rows):
-    return "; ".join(f"{key} {name} {row[key]:.3f} {ci(row, key)}" for name, row in rows.items())
-
-
-# ----------------------------------------------------------------------------------------- pictures
-
-
-def _uint8(image):
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
-
-
-TRAIL = (255, 0, 200)  # magenta: seen on the black ground and on the style's grey
-
-
-def _draw_trail(draw, points, x, y, scale):
-    """The object's path: its centre in each frame joined by a line, a ring on the first frame's
-    centre and a dot on the last's. `points` are (x, y) pixels of the video, or None."""
-    known = [(x + p[0] * scale, y + p[1] * scale) for p in points if p is not None]
-    if len(known) > 1:
-        draw.line(known, fill=TRAIL, width=2)
-    for px, py in known[1:-1]:
-        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=TRAIL)
-    if known:
-        (fx, fy), (lx, ly) = known[0], known[-1]
-        draw.ellipse((fx - 5, fy - 5, fx + 5, fy + 5), outline=TRAIL, width=2)
-        draw.ellipse((lx - 4, ly - 4, lx + 4, ly + 4), fill=TRAIL)
-
-
-def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
-    """A labelled grid of videos (rows of (3, F, H, W) arrays in [0, 1]) as path.png and path.gif.
-
-    The PNG shows each video's first frame with the object's path over all its frames drawn on it
-    (a straight line: it moves steadily; a zigzag: it jumps about; a dot: it stands still). The GIF
-    plays the frames, the path drawn as far as they have gone. Images (F = 1) get no path."""
-    C, F, H, W = grid[0][0].shape
-    scale = max(1, cell // W)
-    side, gap, left = W * scale, 6, 180
-    font = ImageFont.load_default(size=13)
-    heads = [textwrap.fill(label, 19) for label in column_labels]
-    top = 44 + 16 * max(head.count("\n") + 1 for head in heads)
-    width = left + len(grid[0]) * (side + gap)
-    height = top + len(grid) * (side + gap)
-    trails = [[[centroid(video[:, f]) for f in range(F)] for video in row] for row in grid]
-    legend = "ring: first frame, dot: last; straight: steady motion, zigzag: jumps, a dot: still"
-    pictures = []
-    for shown in [None, *range(F)]:  # None: the PNG, the first frame under the whole path
-        canvas = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(canvas)
-        draw.text((6, 4), title, fill="black", font=font)
-        if F > 1:
-            draw.text((6, 22), legend, fill=(90, 90, 90), font=font)
-        for j, head in enumerate(heads):
-            draw.multiline_text((left + j * (side + gap), 42), head, fill="black", font=font)
-        for i, row in enumerate(grid):
-            y = top + i * (side + gap)
-            draw.multiline_text((6, y + side // 2 - 16), row_labels[i], fill="black", font=font)
-            for j, video in enumerate(row):
-                x = left + j * (side + gap)
-                frame = Image.fromarray(_uint8(video[:, shown or 0]))
-                canvas.paste(frame.resize((side, side), Image.NEAREST), (x, y))
-                upto = F if shown is None else shown + 1
-                if F > 1:
-                    _draw_trail(draw, trails[i][j][:upto], x, y, scale)
-        pictures.append(canvas)
-    pictures[0].save(path + ".png")
-    duration = int(1000 / fps)
-    pictures[1].save(
-        path + ".gif", save_all=True, append_images=pictures[2:], duration=duration, loop=0
-    )

@@ -8,7 +8,8 @@ Given V, a T2V model inflated from a T2I model M, and M1, a copy of M customized
   (motion adapter on) mixed with ordinary real videos (motion adapter off) for prior preservation;
 - at test time the motion adapter is removed and the spatial adapters stay.
 
-Then every claim of the paper is measured against the ground truth of data.py (`evaluate`).
+`recipe` is those steps in order. Then come the ablations, the evaluation against the ground truth
+of data.py, the paper's claims judged on it, the figures, and the command line:
 
     python stillmoving.py [--preset quick|small|large] [--out DIR] [--device auto|cpu|cuda]
                           [--seed N] [--fresh] [--set KEY=VALUE ...]
@@ -23,28 +24,32 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, replace
 from functools import partial
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import lora
 from lora import MOTION, SPATIAL
 from train import (
-    OLD_NAMES,
     PRESETS,
+    CheckpointError,
     Run,
     TrainingError,
     base_models,
     generate,
     override,
+    pick_device,
+    save_text,
     saved_config,
     train_loop,
 )
-from unet3d import pick_device, t2i_state_dict
+from unet3d import t2i_state_dict
 
 CONCEPTS = ("subject", "style")
 
@@ -53,7 +58,8 @@ CONCEPTS = ("subject", "style")
 
 def train_motion_adapter(run, v):
     """A LoRA on W_Q, W_K, W_V of every temporal layer of the plain V, trained at alpha = 1 with the
-    ordinary diffusion loss on frozen videos. Everything but A_down, A_up is frozen."""
+    ordinary diffusion loss on frozen videos. Everything but A_down, A_up is frozen. Returns the
+    adapter's own tensors (a small file)."""
     cfg, dev = run.cfg, run.device
     model = lora.add_motion_adapter(copy.deepcopy(v), cfg.motion_rank)
     params = lora.mark_only_adapters_trainable(model, MOTION)
@@ -64,7 +70,8 @@ def train_motion_adapter(run, v):
         frozen = data.freeze(videos, rng)  # one random frame of each video, repeated F times
         return run.diffusion.loss(model, frozen, tokens, gen)
 
-    return train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.motion_lr)
+    train_loop(run, "motion_adapter", model, params, loss, cfg.motion_steps, cfg.motion_lr)
+    return lora.adapter_state_dict(model, MOTION)
 
 
 # ----------------------------------------------------------------------- Sec. 3.3: spatial adapters
@@ -77,24 +84,10 @@ def inject(v, m1):
     return model
 
 
-VARIANTS = {  # each ablation changes exactly one thing
-    "still_moving": dict(motion_adapter=True, prior=True),
-    "no_motion_adapter": dict(motion_adapter=False, prior=True),
-    "no_prior_preservation": dict(motion_adapter=True, prior=False),
-}
-
-
-def prior_videos(cfg):
-    """The ~40 ordinary real videos for DreamBooth-style prior preservation (fixed by the seed)."""
-    rng = np.random.default_rng([cfg.seed, 40])
-    clips = [data.random_clip(rng) for _ in range(cfg.n_prior_videos)]
-    return data.video_batch(clips, cfg.size, cfg.frames, cfg.seed + 40)
-
-
 def m1_clips(cfg, concept):
     """What M1 is asked to draw for the frozen videos: cfg.n_generated clips of the concept."""
     rng = np.random.default_rng([cfg.seed, 12])
-    return [data.random_clip(rng, concept) for _ in range(cfg.n_generated)]
+    return [data.random_clip(rng, concept, cfg.style_ground) for _ in range(cfg.n_generated)]
 
 
 def m1_images(run, m1, concept):
@@ -104,9 +97,24 @@ def m1_images(run, m1, concept):
     return {"images": images, "prompts": prompts}
 
 
-def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
+def prior_videos(cfg):
+    """The ~40 ordinary real videos for DreamBooth-style prior preservation (fixed by the seed)."""
+    rng = np.random.default_rng([cfg.seed, 40])
+    clips = [data.random_clip(rng) for _ in range(cfg.n_prior_videos)]
+    return data.video_batch(clips, cfg.size, cfg.frames, cfg.seed + 40)
+
+
+VARIANTS = {  # Still-Moving, and two ablations that each change exactly one thing
+    "still_moving": dict(motion_adapter=True, prior=True),
+    "no_motion_adapter": dict(motion_adapter=False, prior=True),
+    "no_prior_preservation": dict(motion_adapter=True, prior=False),
+}
+
+
+def train_spatial_adapters(run, v, m1, motion, generated, concept, variant="still_moving"):
     """Inject M1 into V, add a spatial adapter after each injected block, and train only those on
-    frozen videos of M1's images (motion adapter at alpha = 1) plus real videos (alpha = 0)."""
+    frozen videos of M1's images (motion adapter at alpha = 1) plus real videos (alpha = 0).
+    Returns the spatial adapters' own tensors."""
     cfg, dev, use = run.cfg, run.device, VARIANTS[variant]
     model = lora.with_motion_adapter(inject(v, m1), motion, 1.0)
     model = lora.add_spatial_adapters(model, cfg.spatial_rank)
@@ -130,44 +138,70 @@ def train_spatial_adapters(run, v, m1, motion, generated, concept, variant):
         return total
 
     stage = f"spatial_{concept}_{variant}"
-    return train_loop(run, stage, model, params, loss, cfg.spatial_steps, cfg.spatial_lr)
+    train_loop(run, stage, model, params, loss, cfg.spatial_steps, cfg.spatial_lr)
+    return lora.adapter_state_dict(model, SPATIAL)
+
+
+def customized_video_model(v, m1, motion, spatial, alpha=0.0):
+    """V with M1 injected and trained spatial adapters, built as it was trained: with the motion
+    adapter. At test time (alpha = 0, Sec. 3.3) the motion adapter is removed; any other alpha
+    keeps it at that scale."""
+    model = lora.with_motion_adapter(inject(v, m1), motion, alpha)
+    model = lora.add_spatial_adapters(model, lora.rank_of(spatial))
+    model = lora.load_adapter(model, spatial, SPATIAL)
+    if alpha == 0:
+        lora.remove_adapters(model, MOTION)  # test time: the motion adapter is removed
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------- the recipe
 
 
 def recipe(run):
-    """Every stage, each reused if its file was made from the same config fields (train.STAGES).
-    Returns the models and adapters by name."""
+    """Still-Moving from start to end, each stage reused when its file was made from the same config
+    fields (train.STAGES). Returns the parts the evaluation needs, by name; `models` holds the
+    customized video model of each concept, as a user would sample from it."""
+    # the setting: M, V inflated from it (Sec. 3.1), and M1, M customized on stills, per concept
     m, v, m1s = base_models(run)
-    motion = run.stage("motion_adapter", partial(trained, MOTION, train_motion_adapter, run, v))
-    generated, spatial = {}, {}
-    for concept in CONCEPTS:
-        m1 = m1s[concept]
-        generated[concept] = run.stage(f"m1_images_{concept}", partial(m1_images, run, m1, concept))
+    # Sec. 3.2: the motion adapter, trained once on the plain V
+    motion = run.stage("motion_adapter", partial(train_motion_adapter, run, v))
+    generated, spatial, models = {}, {}, {}
+    for concept, m1 in m1s.items():
+        # Sec. 3.3: frozen videos of M1's own images train spatial adapters in V with M1 injected
+        make = partial(m1_images, run, m1, concept)
+        generated[concept] = run.stage(f"m1_images_{concept}", make)
+        make = partial(train_spatial_adapters, run, v, m1, motion, generated[concept], concept)
+        spatial[concept, "still_moving"] = run.stage(f"spatial_{concept}_still_moving", make)
+        # test time: the motion adapter removed, the spatial adapters kept
+        models[concept] = customized_video_model(v, m1, motion, spatial[concept, "still_moving"])
+    return dict(
+        m=m, v=v, m1s=m1s, motion=motion, generated=generated, spatial=spatial, models=models
+    )
+
+
+def ablations(run, parts):
+    """The spatial adapters of each ablation in VARIANTS, trained as Still-Moving's are but for the
+    one thing it changes, on the same M1 and motion adapter; added to parts["spatial"]."""
+    v, motion = parts["v"], parts["motion"]
+    for concept, m1 in parts["m1s"].items():
+        inputs = (run, v, m1, motion, parts["generated"][concept], concept)
         for variant in VARIANTS:
-            inputs = (run, v, m1, motion, generated[concept], concept, variant)
-            make = partial(trained, SPATIAL, train_spatial_adapters, *inputs)
-            spatial[concept, variant] = run.stage(f"spatial_{concept}_{variant}", make)
-    return dict(m=m, v=v, m1s=m1s, motion=motion, generated=generated, spatial=spatial)
-
-
-def trained(kind, train, *inputs):
-    """What a stage keeps of an adapter's training: the adapter's own tensors, a small file."""
-    return lora.adapter_state_dict(train(*inputs), kind)
+            if (concept, variant) not in parts["spatial"]:  # Still-Moving's: made by the recipe
+                make = partial(train_spatial_adapters, *inputs, variant)
+                parts["spatial"][concept, variant] = run.stage(f"spatial_{concept}_{variant}", make)
+    return parts
 
 
 def build(parts, method, concept=None, alpha=0.0):
-    """The video model a method samples from. The motion adapter is only present when alpha != 0:
-    Still-Moving removes it at test time (Sec. 3.3)."""
-    if method in ("base_t2v", "motion_scale"):
-        model = copy.deepcopy(parts["v"])
-    else:
+    """The video model a row of the results samples from: V, naive injection, or Still-Moving and
+    its ablations at test time; with the motion adapter at scale alpha when alpha != 0."""
+    if method in VARIANTS:
+        spatial = parts["spatial"][concept, method]
+        model = customized_video_model(parts["v"], parts["m1s"][concept], parts["motion"], spatial)
+    elif method == "naive_injection":
         model = inject(parts["v"], parts["m1s"][concept])
-        if method != "naive_injection":
-            state = parts["spatial"][concept, method]
-            model = lora.add_spatial_adapters(model, lora.rank_of(state))
-            model = lora.load_adapter(model, state, SPATIAL)
+    else:  # "base_t2v" or "motion_scale": V itself
+        model = copy.deepcopy(parts["v"])
     if alpha != 0:
         model = lora.with_motion_adapter(model, parts["motion"], alpha)
     return model.eval()
@@ -183,7 +217,7 @@ def eval_clips(cfg, concept):
     """The same prompts for every row: directions cycle, shapes and colours are drawn once."""
     rng = np.random.default_rng([cfg.seed, 1000])
     directions = list(data.DIRECTIONS)
-    clips = [data.random_clip(rng, concept) for _ in range(cfg.eval_videos)]
+    clips = [data.random_clip(rng, concept, cfg.style_ground) for _ in range(cfg.eval_videos)]
     return [replace(clip, direction=directions[i % 4]) for i, clip in enumerate(clips)]
 
 
@@ -244,22 +278,57 @@ def frozen_gap(run, parts, concept, seed):
 # --------------------------------------------------------------------------------------- the claims
 
 
+def find(rows, method, concept=None, alpha=None, prompts=None):
+    """The row of a method (and concept, alpha); by default sampled with the concept's prompts."""
+    prompts = prompts or ("concept" if concept else "ordinary")
+    wanted = (method, concept, alpha, prompts)
+    return next(r for r in rows if (r["method"], r["concept"], r["alpha"], r["prompts"]) == wanted)
+
+
+def lower(a, key, b):
+    """a[key] lies below b[key], their bootstrap 95% intervals apart."""
+    return a["ci95"][key][1] < b["ci95"][key][0]
+
+
+def worse(a, b, key):
+    """a is worse than b on a symptom, CIs apart: lower fidelity or consistency, more artifacts
+    or jitter."""
+    return lower(b, key, a) if key in ("artifacts", "jitter") else lower(a, key, b)
+
+
+def ci(row, key):
+    low, high = row["ci95"][key]
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def motion_ci(row):
+    return f"{row['motion']:.3f} {ci(row, 'motion')}"
+
+
+def motion_vs(row, base):
+    return f"motion {motion_ci(row)} vs V {motion_ci(base)} px/frame"
+
+
+def side_by_side(key, **rows):
+    return "; ".join(f"{key} {name} {row[key]:.3f} {ci(row, key)}" for name, row in rows.items())
+
+
 def claim(name, text, holds, evidence):
     """One verdict of results.json: the claim, whether it holds, and the numbers it rests on."""
     return {"id": name, "text": text, "holds": bool(holds), "evidence": evidence}
 
 
-SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")  # jitter: issue 24
+SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")
 
 
 def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
     """C3a (naive injection breaks the concept) and C3b (Still-Moving repairs it) on `symptoms`."""
-    base = data.find(rows, "base_t2v")
-    naive, sm = data.find(rows, "naive_injection", c), data.find(rows, "still_moving", c)
+    base = find(rows, "base_t2v")
+    naive, sm = find(rows, "naive_injection", c), find(rows, "still_moving", c)
     healthy = dict.fromkeys(SYMPTOMS[1:], base) | {"custom_fidelity": m1_image}
-    broken = [k for k in symptoms if data.worse(naive, healthy[k], k)]
-    better = [k for k in symptoms if data.worse(naive, sm, k)]
-    hurt = [k for k in symptoms if data.worse(sm, naive, k)]
+    broken = [k for k in symptoms if worse(naive, healthy[k], k)]
+    better = [k for k in symptoms if worse(naive, sm, k)]
+    hurt = [k for k in symptoms if worse(sm, naive, k)]
     others = [k.replace("_", " ") for k in symptoms[1:]]
     shown = [k for k in ("temporal_consistency", "jitter") if k in symptoms]
     return [
@@ -269,7 +338,7 @@ def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
             f"V on {', '.join(others[:-1])} or {others[-1]}, CIs apart",
             broken,
             f"broken on {', '.join(broken) or 'none'}: M1 images {m1_image['custom_fidelity']:.3f}"
-            + "".join(f"; {data.side_by_side(k, naive=naive, V=base)}" for k in shown)
+            + "".join(f"; {side_by_side(k, naive=naive, V=base)}" for k in shown)
             + f"; artifacts naive {naive['artifacts']:.4f}",
         ),
         claim(
@@ -278,17 +347,17 @@ def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
             f"{len(symptoms)}, CIs apart, and worse on none",
             better and not hurt,
             f"better on {', '.join(better) or 'none'}, worse on {', '.join(hurt) or 'none'}"
-            + "".join(f"; {data.side_by_side(k, SM=sm, naive=naive)}" for k in shown),
+            + "".join(f"; {side_by_side(k, SM=sm, naive=naive)}" for k in shown),
         ),
     ]
 
 
 def concept_claims(rows, m1_image, c):
     """C3, C4, C5, C7 for one concept: naive injection against Still-Moving and the ablations."""
-    base, sm = data.find(rows, "base_t2v"), data.find(rows, "still_moving", c)
-    no_motion_adapter = data.find(rows, "no_motion_adapter", c)
-    sm_ordinary = data.find(rows, "still_moving", c, prompts="ordinary")
-    no_prior_ordinary = data.find(rows, "no_prior_preservation", c, prompts="ordinary")
+    base, sm = find(rows, "base_t2v"), find(rows, "still_moving", c)
+    no_motion_adapter = find(rows, "no_motion_adapter", c)
+    sm_ordinary = find(rows, "still_moving", c, prompts="ordinary")
+    no_prior_ordinary = find(rows, "no_prior_preservation", c, prompts="ordinary")
     m1_fidelity = m1_image["custom_fidelity"]
     direction = f"direction accuracy SM {sm['direction_accuracy']:.3f}, V (ordinary prompts) "
     return [
@@ -297,14 +366,14 @@ def concept_claims(rows, m1_image, c):
             f"C4a_{c}",
             f"Still-Moving keeps V's motion ({c}): within 25% of V's",
             0.75 * base["motion"] <= sm["motion"] <= 1.25 * base["motion"],
-            data.motion_vs(sm, base),
+            motion_vs(sm, base),
         ),
         claim(
             f"C4b_{c}",
             f"without the motion adapter, frozen videos make the model static ({c}): "
             "motion at most 50% of V's",
             no_motion_adapter["motion"] <= 0.5 * base["motion"],
-            data.motion_vs(no_motion_adapter, base),
+            motion_vs(no_motion_adapter, base),
         ),
         claim(
             f"C4c_{c}",
@@ -317,8 +386,8 @@ def concept_claims(rows, m1_image, c):
             f"C5_{c}",
             f"prior preservation keeps V's prior ({c}): on ordinary prompts, Still-Moving's "
             "prompt fidelity is above no_prior_preservation's, CIs apart",
-            data.lower(no_prior_ordinary, "prompt_fidelity", sm_ordinary),
-            data.side_by_side(
+            lower(no_prior_ordinary, "prompt_fidelity", sm_ordinary),
+            side_by_side(
                 "prompt_fidelity", SM=sm_ordinary, **{"no prior": no_prior_ordinary}, V=base
             ),
         ),
@@ -326,7 +395,7 @@ def concept_claims(rows, m1_image, c):
             f"C7_{c}",
             f"limitation ({c}): Still-Moving is no more faithful than M1's own images",
             sm["ci95"]["custom_fidelity"][0] <= m1_fidelity,
-            f"custom fidelity {sm['custom_fidelity']:.3f} {data.ci(sm, 'custom_fidelity')} "
+            f"custom fidelity {sm['custom_fidelity']:.3f} {ci(sm, 'custom_fidelity')} "
             f"vs M1 images {m1_fidelity:.3f}",
         ),
     ]
@@ -334,22 +403,22 @@ def concept_claims(rows, m1_image, c):
 
 def check_claims(rows, params, m1_images):
     """The paper's claims (PAPER.md) as fixed tests on measured numbers ("CIs apart": the bootstrap
-    95% intervals do not overlap), fixed before the runs that judged them: issues 13, 23 and 24."""
-    base = data.find(rows, "base_t2v")
-    static = data.find(rows, "motion_scale", alpha=1.0)
-    more = data.find(rows, "motion_scale", alpha=-1.0)
+    95% intervals do not overlap), fixed before the runs that judged them."""
+    base = find(rows, "base_t2v")
+    static = find(rows, "motion_scale", alpha=1.0)
+    more = find(rows, "motion_scale", alpha=-1.0)
     claims = [
         claim(
             "C1",
             "switch: motion at alpha = 1 is below 25% of V's, with its whole 95% interval",
             static["ci95"]["motion"][1] < 0.25 * base["motion"],
-            data.motion_vs(static, base),
+            motion_vs(static, base),
         ),
         claim(
             "C2",
             "dial: motion at alpha = -1 is above V's, CIs apart",
-            data.lower(base, "motion", more),
-            data.motion_vs(more, base),
+            lower(base, "motion", more),
+            motion_vs(more, base),
         ),
     ]
     for concept in CONCEPTS:
@@ -367,7 +436,157 @@ def check_claims(rows, params, m1_images):
     return sorted(claims, key=lambda c: c["id"])
 
 
+# ------------------------------------------------------------------------------- the results table
+
+
+def results_markdown(results):
+    """results.md: every row of the results table, the denoising gap, M1's own images and the
+    claims."""
+    keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity")
+    keys += ("temporal_consistency", "artifacts")
+    lines = ["| method | concept | alpha | prompts | n | " + " | ".join(keys) + " |"]
+    lines.append("|---" * (5 + len(keys)) + "|")
+    for r in results["rows"]:
+        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k in keys]
+        alpha = "-" if r["alpha"] is None else r["alpha"]
+        head = (
+            f"| {r['method']} | {r['concept'] or '-'} | {alpha} | {r['prompts']} | {r['n_videos']}"
+        )
+        lines.append(f"{head} | " + " | ".join(cells) + " |")
+    gaps, concepts = results["denoising_gap"], list(results["m1_images"])
+    lines += [
+        "",
+        "Denoising gap: the diffusion loss at t = 100, 300, 500, 700, 900, with the same noise "
+        "for every model (lower is better). *frozen*: frozen videos of M1's images, motion adapter "
+        "at alpha = 1, what the spatial adapters train on. *moving*: real moving videos of the "
+        "concept, alpha = 0, what the user wants; no model trains on them.",
+        "",
+        "| concept | videos | model | t=100 | t=300 | t=500 | t=700 | t=900 |",
+        "|---" * 8 + "|",
+    ]
+    notes = []
+    for c in concepts:
+        for videos, losses in gaps[c].items():
+            for model, loss in losses.items():
+                numbers = " | ".join(f"{x:.4f}" for x in loss)
+                lines.append(f"| {c} | {videos.split('_')[0]} | {model} | {numbers} |")
+        frozen = _change(gaps[c]["frozen_alpha_1"])
+        moving = _change(gaps[c]["moving_alpha_0"])
+        notes.append(
+            f"- {c}: the spatial adapters change naive injection's loss by {frozen[0]:+.1f}% at "
+            f"t <= 500 and {frozen[1]:+.1f}% at t >= 700 on frozen videos (what they train on), "
+            f"and by {moving[0]:+.1f}% and {moving[1]:+.1f}% on moving videos."
+        )
+    m1 = results["m1_images"]
+    scores = [f"{c} {m1[c]['custom_fidelity']:.3f}, {m1[c]['content']:.3f}" for c in concepts]
+    lines += ["", *notes, "", "M1's own images (custom_fidelity, content): " + ", ".join(scores)]
+    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
+    for c in results["claims"]:
+        verdict = "HOLDS" if c["holds"] else "FAILS"
+        lines.append(f"| {c['id']}: {c['text']} | {verdict} | {c['evidence']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _change(gap):
+    """Still-Moving's loss against naive injection's, in %, at t <= 500 and at t >= 700."""
+    sm, naive = gap["still_moving"], gap["naive_injection"]
+    low = 100 * (sum(sm[0:3]) / sum(naive[0:3]) - 1)
+    high = 100 * (sum(sm[3:5]) / sum(naive[3:5]) - 1)
+    return low, high
+
+
 # ------------------------------------------------------------------------------------------ figures
+
+
+def _uint8(image):
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+TRAIL = (255, 0, 200)  # magenta: seen on the black ground and on the style's grey
+
+
+def _draw_trail(draw, points, x, y, scale):
+    """The object's path: its centre in each frame joined by a line, a ring on the first frame's
+    centre and a dot on the last's. `points` are (x, y) pixels of the video, or None."""
+    known = [(x + p[0] * scale, y + p[1] * scale) for p in points if p is not None]
+    if len(known) > 1:
+        draw.line(known, fill=TRAIL, width=2)
+    for px, py in known[1:-1]:
+        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=TRAIL)
+    if known:
+        (fx, fy), (lx, ly) = known[0], known[-1]
+        draw.ellipse((fx - 5, fy - 5, fx + 5, fy + 5), outline=TRAIL, width=2)
+        draw.ellipse((lx - 4, ly - 4, lx + 4, ly + 4), fill=TRAIL)
+
+
+def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
+    """A labelled grid of videos (rows of (3, F, H, W) arrays in [0, 1]) as path.png and path.gif.
+
+    The PNG shows each video's first frame with the object's path over all its frames drawn on it
+    (a straight line: it moves steadily; a zigzag: it jumps about; a dot: it stands still). The GIF
+    plays the frames, the path drawn as far as they have gone. Images (F = 1) get no path."""
+    C, F, H, W = grid[0][0].shape
+    scale = max(1, cell // W)
+    side, gap, left = W * scale, 6, 180
+    font = ImageFont.load_default(size=13)
+    heads = [textwrap.fill(label, 19) for label in column_labels]
+    top = 44 + 16 * max(head.count("\n") + 1 for head in heads)
+    legend = "ring: first frame, dot: last; straight: steady motion, zigzag: jumps, a dot: still"
+    texts = [title, legend] if F > 1 else [title]
+    text_width = max(font.getlength(text) for text in texts)
+    width = max(left + len(grid[0]) * (side + gap), int(text_width) + 12)  # the legend fits
+    height = top + len(grid) * (side + gap)
+    trails = [[[data.centroid(video[:, f]) for f in range(F)] for video in row] for row in grid]
+    pictures = []
+    for shown in [None, *range(F)]:  # None: the PNG, the first frame under the whole path
+        canvas = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(canvas)
+        draw.text((6, 4), title, fill="black", font=font)
+        if F > 1:
+            draw.text((6, 22), legend, fill=(90, 90, 90), font=font)
+        for j, head in enumerate(heads):
+            draw.multiline_text((left + j * (side + gap), 42), head, fill="black", font=font)
+        for i, row in enumerate(grid):
+            y = top + i * (side + gap)
+            draw.multiline_text((6, y + side // 2 - 16), row_labels[i], fill="black", font=font)
+            for j, video in enumerate(row):
+                x = left + j * (side + gap)
+                frame = Image.fromarray(_uint8(video[:, shown or 0]))
+                canvas.paste(frame.resize((side, side), Image.NEAREST), (x, y))
+                upto = F if shown is None else shown + 1
+                if F > 1:
+                    _draw_trail(draw, trails[i][j][:upto], x, y, scale)
+        pictures.append(canvas)
+    pictures[0].save(path + ".png")
+    duration = int(1000 / fps)
+    pictures[1].save(
+        path + ".gif", save_all=True, append_images=pictures[2:], duration=duration, loop=0
+    )
+
+
+def save_samples(run, parts):
+    """What the base models draw, under <run>/samples/: M's images of every colour and shape, V's
+    videos of each direction, and each M1's images of its stills' prompts and of ordinary ones."""
+    cfg = run.cfg
+    images = [f"a {color} {shape}" for color in data.COLORS for shape in data.SHAPES]
+    models = {"t2i": (parts["m"], images, False)}
+    videos = [f"a red circle moving {d}" for d in data.DIRECTIONS]
+    models["t2v"] = (parts["v"], videos, True)
+    for concept, m1 in parts["m1s"].items():
+        stills = data.concept_stills(
+            concept, cfg.n_stills, cfg.size, cfg.frames, cfg.seed, cfg.style_ground
+        )
+        prompts = list(dict.fromkeys(stills[1])) + images[::3]  # its stills', and ordinary ones
+        models[f"custom_{concept}"] = (m1, prompts, False)
+    for name, (model, prompts, video) in models.items():
+        x = generate(model, run.diffusion, prompts, cfg, cfg.seed + 99, video=video)
+        x = ((x + 1) / 2).clamp(0, 1).numpy()
+        if not video:
+            x = x[:, :, None]  # (N, 3, 1, H, W): one-frame videos
+        path = os.path.join(run.dir, "samples", name)
+        save_figure(path, [list(x)], [name], prompts, f"samples of {name}")
+
 
 ROW_LABELS = {
     "real": "real video\n(the ground truth)",
@@ -397,13 +616,13 @@ def write_figures(run, shown, per_concept=2):
     heads = [clips[c][i].prompt() for c, i in columns]
     title = f"Still-Moving, seed {run.cfg.seed}: each video's path over its {run.cfg.frames} frames"
     path = os.path.join(run.dir, "figure")
-    data.save_figure(path, grid, list(ROW_LABELS.values()), heads, title)
+    save_figure(path, grid, list(ROW_LABELS.values()), heads, title)
     ordinary = eval_clips(run.cfg, None)[:4]
     grid = [list(to01(shown["alpha", alpha][:4])) for alpha in ALPHAS]
     labels = [alpha_label(alpha) for alpha in ALPHAS]
     title = "The motion adapter as a dial: V + alpha * motion adapter, ordinary prompts"
     path = os.path.join(run.dir, "motion_scale")
-    data.save_figure(path, grid, labels, [c.prompt() for c in ordinary], title)
+    save_figure(path, grid, labels, [c.prompt() for c in ordinary], title)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -412,9 +631,10 @@ def write_figures(run, shown, per_concept=2):
 def main(cfg, out, device):
     start = time.time()
     run = Run(cfg, out, device)
-    lora.save_text(os.path.join(out, "config.json"), json.dumps(asdict(cfg), indent=1))
+    save_text(os.path.join(out, "config.json"), json.dumps(asdict(cfg), indent=1))
     print(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, device {device}")
-    parts = recipe(run)
+    parts = ablations(run, recipe(run))
+    save_samples(run, parts)
     eval_start = time.time()
     rows, gaps, shown = evaluate(run, parts)
     write_figures(run, shown)
@@ -426,7 +646,6 @@ def main(cfg, out, device):
     params = {"unet": sum(t.numel() for t in parts["v"].parameters())}
     params["motion_adapter"] = sum(t.numel() for t in parts["motion"].values())
     params["spatial_adapter"] = sum(t.numel() for t in spatial.values())
-    before = [c3_claims(rows, m1_images[c], c, SYMPTOMS[:3], " (3 symptoms)") for c in CONCEPTS]
     results = {
         "preset": cfg.preset,
         "device": str(device),
@@ -440,11 +659,10 @@ def main(cfg, out, device):
         "denoising_gap": gaps,
         "rows": rows,
         "claims": check_claims(rows, params, m1_images),
-        "c3_before_jitter": sum(before, []),  # for the record: C3 as it was before issue 24
     }
-    table = lora.results_markdown(results)
-    lora.save_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
-    lora.save_text(os.path.join(out, "results.md"), table)
+    table = results_markdown(results)
+    save_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+    save_text(os.path.join(out, "results.md"), table)
     print(table)
     seconds = f"{time.time() - start:.0f}s ({results['total_seconds']:.0f}s of stages)"
     print(f"done in {seconds}: see {out}/figure.png (and .gif), motion_scale.png, results.md")
@@ -486,7 +704,7 @@ def sample_command(args):
     video = generate(model, run.diffusion, [args.prompt], cfg, args.seed)
     video = ((video + 1) / 2).clamp(0, 1).numpy()
     path = os.path.splitext(args.out)[0]
-    data.save_figure(path, [[video[0]]], [args.method], [args.prompt], f"seed {args.seed}")
+    save_figure(path, [[video[0]]], [args.method], [args.prompt], f"seed {args.seed}")
     print(f"wrote {path}.gif and .png: {args.prompt!r}, {method}, motion scale {args.motion_scale}")
 
 
@@ -504,11 +722,10 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--preset",
-        choices=[*PRESETS, *OLD_NAMES],
+        choices=list(PRESETS),
         default="small",
         help="small (default, on every device; its claims are measured), quick (a smoke test), "
-        "large (NOT YET VERIFIED: it has never run to the end). cpu and gpu: the old names of "
-        "small and large",
+        "large (NOT YET VERIFIED: it has never run to the end)",
     )
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     p.add_argument("--device", default="auto")
@@ -525,7 +742,7 @@ def parse(argv):
 
 
 def config_from(args):
-    cfg = PRESETS[OLD_NAMES.get(args.preset, args.preset)]
+    cfg = PRESETS[args.preset]
     if args.seed is not None:
         cfg = replace(cfg, seed=args.seed)
     return override(cfg, args.set)
@@ -542,7 +759,7 @@ def cli(argv):
         if args.fresh and os.path.isdir(out):
             shutil.rmtree(out)
         main(cfg, out, device)
-    except (ValueError, lora.CheckpointError, TrainingError) as e:  # ConfigMismatch: a ValueError
+    except (ValueError, CheckpointError, TrainingError) as e:  # ConfigMismatch: a ValueError
         sys.exit(f"error: {e}")
 
 

@@ -1,31 +1,116 @@
-"""DDPM, one training loop for every stage, and the three models the paper starts from (M, V, M1).
+"""DDPM, one training loop for every stage, the stages and their run folder, and the models the
+paper starts from: M, V and M1.
 
+- `pick_device`, `autocast`: CUDA when there is one (bf16 autocast and TF32 there only), else CPU.
 - `Config` and `PRESETS`: the one config mechanism (a dataclass per preset; `--set` overrides it).
 - `Diffusion`: the noise schedule, the loss (Ho et al. 2020, Algorithm 1) and one sampler, DDIM
   (Song et al. 2021, Eq. 12): with eta = 1 and all T steps, DDPM's ancestral sampler (Alg. 2).
-- `train_loop`: the single loop every stage uses (tqdm bar, EMA, NaN guard, resumable checkpoints).
-- `Run.stage`: a finished stage is a file under <run>/ckpt/, signed with the config fields it was
-  made from; re-running reuses it, and a changed field re-makes only the stages that read it.
+- `Run`: a run folder. A finished stage is a file under <run>/ckpt/, written atomically, read with
+  `torch.load(..., weights_only=True)`, and signed with the config fields it was made from
+  (`STAGES`): re-running reuses it, and a changed field re-makes only the stages that read it.
+- `train_loop`: the single loop every stage uses (progress bar, EMA, NaN guard, resumable).
 - The base models: M (T2I on frames), V (M inflated, only the temporal layers trained on videos, as
   AnimateDiff does), M1 (M customized on a few stills, DreamBooth-style with prior preservation).
+- `bench`: where a training step of V stands against this machine's matmul peak.
 
-`python train.py bench [--preset small]` says where a training step stands against this machine.
+    python train.py bench [--preset small] [--device auto|cpu|cuda]
 """
 
 import copy
 import json
 import os
+import pickle
+import resource
+import time
+import zipfile
 import zlib
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
-import lora
-from unet3d import UNet, autocast, bench, inflate, is_temporal, pick_device
+from unet3d import UNet, inflate, is_temporal
+
+# ------------------------------------------------------------------------------------ where it runs
+
+
+def pick_device(name="auto"):
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    use_cuda = name in ("auto", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full fp32 on CPU (where bf16 is slow and changes results)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def bar(iterable, **kwargs):
+    """A tqdm progress bar on a terminal; nothing when the output goes to a file (disable=None),
+    where the stages' one-line reports are the log."""
+    return tqdm(iterable, disable=None, dynamic_ncols=True, leave=False, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------- files
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+def _write_atomically(path, write):
+    """Write with `write(file)` to a temporary file, fsync it, then os.replace it onto `path`: a
+    kill never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_file(obj, path):
+    """A checkpoint (tensors and plain data), written atomically."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def save_text(path, text):
+    """A text file (results, a run's config), written atomically."""
+    _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def load_file(path, remedy):
+    """torch.load with weights_only=True: tensors and plain data only, never code.
+
+    `remedy` says what re-makes the file; it is part of every error message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds more than tensors (refused, it could run code): "
+            f"{str(e).splitlines()[0]}. {remedy}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({str(e).splitlines()[0]}). {remedy}"
+        ) from None
+
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -40,13 +125,12 @@ class Config:
     mults: tuple = (1, 2)  # width multiplier per resolution level
     text_dim: int = 64
     max_frames: int = 16  # length of the temporal position code
-    image_batch: int = 32  # images per T2I step (M); 64 drew no better (NOTES.md, issue 24)
+    image_batch: int = 32  # images per T2I step (M); 64 drew no better (NOTES.md)
     video_batch: int = 8  # videos per T2V / adapter step
     lr: float = 1e-3  # base models
     t2i_steps: int = 1500
     t2v_steps: int = 1500
-    custom_mode: str = "full"  # "full" fine-tuning (DreamBooth) or "lora"
-    custom_rank: int = 4  # the LoRA's rank when custom_mode is "lora"
+    style_ground: float = 0.85  # the grey of the custom style's ground (every other clip: black)
     custom_batch: int = 64  # images per customization step: half stills, half prior images
     custom_steps: int = 600  # the subject's M1: one object to learn
     style_steps: int = 1000  # the style's M1: twelve contents on a new ground (NOTES.md)
@@ -61,13 +145,12 @@ class Config:
     n_prior_videos: int = 40  # ordinary real videos for prior preservation (Sec. 3.3)
     n_generated: int = 32  # images generated by M (class prior) and by M1 (frozen videos)
     prediction: str = "v"  # what the UNet predicts: "eps" (Ho et al.) or "v" (Salimans & Ho 2022)
-    sample_steps: int = 10  # DDIM steps; 20 gave the same verdicts (NOTES.md, issue 24)
+    sample_steps: int = 10  # DDIM steps; 20 gave the same verdicts (NOTES.md)
     guidance: float = 3.0  # classifier-free guidance scale
     eval_videos: int = 32  # videos per row of the results table
     sample_batch: int = 8  # prompts sampled at once; on CPU 8 beat 64 (NOTES.md)
     ema: float = 0.995  # EMA decay of trained weights; 0 turns it off
     ckpt_every: int = 100  # steps between resumable checkpoints
-    compile: bool = False  # torch.compile the UNet (needs a C compiler; slower on the small preset)
 
     def __post_init__(self):
         """Refuse a config that could only fail later, deep inside a stage."""
@@ -81,8 +164,11 @@ class Config:
             raise ValueError(f"size={self.size} must be 8..128 px and divisible by {levels}")
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={self.prediction!r}; use eps or v")
-        if self.custom_mode not in ("full", "lora"):
-            raise ValueError(f"custom_mode={self.custom_mode!r}; use full or lora")
+        if not data.STYLE_SEEN < self.style_ground <= 1:
+            raise ValueError(
+                f"style_ground={self.style_ground}: the metrics tell the style's ground from "
+                f"black above {data.STYLE_SEEN}, and a grey is at most 1"
+            )
         counts = (self.image_batch, self.custom_batch, self.video_batch, self.eval_videos)
         counts += (self.n_stills, self.n_generated, self.sample_steps, self.sample_batch)
         if min(counts) < 1:
@@ -135,7 +221,6 @@ PRESETS = {
         sample_batch=64,
     ),
 }
-OLD_NAMES = {"cpu": "small", "gpu": "large"}  # what the presets were called before
 
 
 def override(cfg, items):
@@ -149,14 +234,15 @@ def override(cfg, items):
                 f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}"
             )
         kind = type(getattr(cfg, key))
-        if kind is bool and value.lower() not in ("true", "false"):
-            raise ValueError(f"--set {item!r}: {key} is true or false")
-        if kind is tuple:
-            changes[key] = tuple(int(v) for v in value.split(","))
-        elif kind is bool:
-            changes[key] = value.lower() == "true"
-        else:
-            changes[key] = kind(value)
+        try:
+            if kind is tuple:
+                changes[key] = tuple(int(v) for v in value.split(","))
+            else:
+                changes[key] = kind(value)
+        except ValueError:
+            what = {tuple: "whole numbers, comma-separated", int: "a whole number"}
+            what = what.get(kind, f"a {kind.__name__}")
+            raise ValueError(f"--set {item!r}: {key} takes {what}") from None
     return replace(cfg, **changes)
 
 
@@ -170,12 +256,12 @@ def saved_config(run_dir):
     path = os.path.join(run_dir, "config.json")
     remake = f"re-make it with `python stillmoving.py --fresh --out {run_dir}`"
     if not os.path.exists(path):
-        raise lora.ConfigMismatch(f"{run_dir} has no config.json (an older version); {remake}")
+        raise ConfigMismatch(f"{run_dir} has no config.json (an older version); {remake}")
     with open(path) as f:
         saved = json.load(f)
     gone = sorted(set(saved) - {f.name for f in fields(Config)})
     if gone:
-        raise lora.ConfigMismatch(
+        raise ConfigMismatch(
             f"{run_dir} was made with config fields this code no longer has "
             f"({', '.join(gone)}); {remake}"
         )
@@ -295,17 +381,132 @@ def generate(model, diffusion, prompts, cfg, seed, video=True):
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     model.eval()
-    if cfg.compile:
-        model.compile()
     frames = (cfg.frames,) if video else ()
     out = []
-    for i in tqdm(range(0, len(prompts), cfg.sample_batch), desc="sampling", leave=False):
+    for i in bar(range(0, len(prompts), cfg.sample_batch), desc="sampling"):
         tokens = data.tokenize(prompts[i : i + cfg.sample_batch]).to(device)
         shape = (len(tokens), 3, *frames, cfg.size, cfg.size)
         out.append(
             diffusion.sample(model, shape, tokens, cfg.sample_steps, cfg.guidance, gen).cpu()
         )
     return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- a run folder of stages
+
+# What each stage is made from: the config fields it reads itself, and the stages it is built on.
+# A stage's signature is its own fields plus those of every stage below it, so a changed field
+# re-makes exactly the stages that depend on it (`--set spatial_rank=4` keeps M, V and the M1s).
+SAMPLER = ("sample_steps", "guidance", "sample_batch")
+CUSTOM = ("custom_batch", "custom_lr", "n_stills", "n_generated", *SAMPLER)  # M1 learns M's images
+M_FIELDS = ("seed", "size", "frames", "ch", "mults", "text_dim", "max_frames", "prediction", "ema")
+STAGES = {
+    "t2i": (M_FIELDS + ("lr", "image_batch", "t2i_steps"), ()),
+    "t2v": (("video_batch", "t2v_steps"), ("t2i",)),
+    "custom_subject": (CUSTOM + ("custom_steps",), ("t2i",)),
+    "custom_style": (CUSTOM + ("style_steps", "style_ground"), ("t2i",)),
+    "motion_adapter": (("motion_rank", "motion_steps", "motion_lr"), ("t2v",)),
+    "m1_images_subject": (("n_generated", *SAMPLER), ("custom_subject",)),
+    "m1_images_style": (("n_generated", *SAMPLER), ("custom_style",)),
+}
+SPATIAL_FIELDS = ("spatial_rank", "spatial_steps", "spatial_lr", "n_prior_videos")
+
+
+def stage_inputs(stage):
+    """(config fields, stages) that `stage` is made from, spatial_<concept>_<variant> included."""
+    if stage.startswith("spatial_"):
+        concept = stage.split("_")[1]
+        below = ("t2v", f"custom_{concept}", "motion_adapter", f"m1_images_{concept}")
+        return SPATIAL_FIELDS, below
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}, spatial_*")
+    return STAGES[stage]
+
+
+class Run:
+    """A run folder: config.json, ckpt/<stage>.pt per finished stage, samples/, the results and the
+    figures; and the diffusion every stage shares.
+
+    Each stage's file is signed with the config fields it was made from (`stage_inputs`). A stage
+    on disk is reused when its signature matches, and made again when a field it reads changed."""
+
+    def __init__(self, cfg, out, device):
+        self.cfg, self.dir, self.device = cfg, out, device
+        self.diffusion = Diffusion(device, cfg.prediction)
+        self.seconds = {}  # per stage, made or reused
+        try:
+            os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot write the output folder {out!r}: {e.strerror}") from None
+
+    def path(self, stage):
+        return os.path.join(self.dir, "ckpt", f"{stage}.pt")
+
+    def signature(self, stage):
+        """The config fields `stage` depends on, with their values, its own and its inputs'."""
+        fields_read, below = stage_inputs(stage)
+        signed = {}
+        for other in below:
+            signed.update(self.signature(other))
+        for field in fields_read:
+            value = getattr(self.cfg, field)
+            signed[field] = list(value) if isinstance(value, tuple) else value
+        return signed
+
+    def read(self, path, stage, remedy):
+        """The checkpoint of `stage` at `path`, and the fields of the stage's signature whose saved
+        value differs from this config's, as "field=saved (now ours)"."""
+        state = load_file(path, remedy)
+        saved, ours = state.get("config", {}), self.signature(stage)
+        changed = [
+            f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v
+        ]
+        return state, changed
+
+    def load(self, path, stage):
+        """Load a checkpoint of `stage`, refusing one made from other config values."""
+        remake = f"re-run `python stillmoving.py --out {self.dir}` to re-make stage {stage!r}"
+        state, changed = self.read(path, stage, f"Delete it and {remake}.")
+        if changed:
+            raise ConfigMismatch(
+                f"{path} was made with another config: {', '.join(changed[:4])}; "
+                f"with this config, {remake}"
+            )
+        return state
+
+    def saved(self, stage, path):
+        """The checkpoint at `path` if it exists and was made from this config's values of the
+        stage's fields; else None, saying which field changed."""
+        if not os.path.exists(path):
+            return None
+        remedy = f"Delete it, or start over with --fresh (stage {stage!r})."
+        state, changed = self.read(path, stage, remedy)
+        if changed:
+            tqdm.write(f"[{stage}] made with {', '.join(changed[:4])}: making it again")
+            return None
+        return state
+
+    def stage(self, name, make):
+        """Return stage `name`'s saved state, making (and saving) it first unless it is on disk and
+        was made from the same config fields."""
+        path = self.path(name)
+        state = self.saved(name, path)
+        if state is not None:
+            self.seconds[name] = state["seconds"]
+            tqdm.write(f"[{name}] reused {path}")
+            return state["state"]
+        start = time.time()
+        # an adapter's random init: the same whether the stages before it were made or reused
+        torch.manual_seed(zlib.crc32(f"{self.cfg.seed}/{name}".encode()))
+        state = make()
+        self.seconds[name] = round(time.time() - start, 2)
+        signed = {"config": self.signature(name), "state": state, "seconds": self.seconds[name]}
+        save_file(signed, path)
+        if os.path.exists(self.path(f"{name}.partial")):
+            os.remove(self.path(f"{name}.partial"))
+        tqdm.write(f"[{name}] made in {self.seconds[name]:.0f} s: {path}")
+        return state
 
 
 # -------------------------------------------------------------------------------- one training loop
@@ -333,12 +534,8 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         start = saved["step"]
         tqdm.write(f"[{stage}] resuming at step {start} from {partial}")
     model.train()
-    if cfg.compile:
-        model.compile()  # in place: the state dict keeps its names
-    bar = tqdm(
-        range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, leave=False
-    )
-    for step in bar:
+    progress = bar(range(start, steps), desc=stage, initial=start, total=steps)
+    for step in progress:
         # (seed, stage, step) alone decide a step's randomness: a resumed run repeats what it missed
         rng = np.random.default_rng([cfg.seed, zlib.crc32(stage.encode()), step])
         gen = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
@@ -358,7 +555,7 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         with torch.no_grad():
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             checkpoint = {
                 "config": run.signature(stage),
@@ -367,7 +564,7 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
                 "params": [p.detach().cpu() for p in params],
                 "ema": [e.cpu() for e in ema],
             }
-            lora.save_file(checkpoint, partial)
+            save_file(checkpoint, partial)
     if cfg.ema > 0:
         with torch.no_grad():
             for p, e in zip(params, ema):
@@ -375,46 +572,6 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
     if steps > start:
         tqdm.write(f"[{stage}] {steps} steps, final loss {loss.item():.4f}")
     return model
-
-
-# --------------------------------------------------------------------------- a run folder of stages
-
-# What each stage is made from: the config fields it reads itself, and the stages it is built on.
-# A stage's signature is its own fields plus those of every stage below it, so a changed field
-# re-makes exactly the stages that depend on it (`--set spatial_rank=4` keeps M, V and the M1s).
-SAMPLER = ("sample_steps", "guidance", "sample_batch")
-CUSTOM = ("custom_mode", "custom_rank", "custom_batch", "custom_lr", "n_stills", "n_generated")
-CUSTOM += SAMPLER  # M1 trains on images that M generates
-M_FIELDS = ("seed", "size", "frames", "ch", "mults", "text_dim", "max_frames", "prediction", "ema")
-STAGES = {
-    "t2i": (M_FIELDS + ("lr", "image_batch", "t2i_steps"), ()),
-    "t2v": (("video_batch", "t2v_steps"), ("t2i",)),
-    "custom_subject": (CUSTOM + ("custom_steps",), ("t2i",)),
-    "custom_style": (CUSTOM + ("style_steps",), ("t2i",)),
-    "motion_adapter": (("motion_rank", "motion_steps", "motion_lr"), ("t2v",)),
-    "m1_images_subject": (("n_generated", *SAMPLER), ("custom_subject",)),
-    "m1_images_style": (("n_generated", *SAMPLER), ("custom_style",)),
-}
-SPATIAL_FIELDS = ("spatial_rank", "spatial_steps", "spatial_lr", "n_prior_videos")
-
-
-def stage_inputs(stage):
-    """(config fields, stages) that `stage` is made from, spatial_<concept>_<variant> included."""
-    if stage.startswith("spatial_"):
-        concept = stage.split("_")[1]
-        below = ("t2v", f"custom_{concept}", "motion_adapter", f"m1_images_{concept}")
-        return SPATIAL_FIELDS, below
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}, spatial_*")
-    return STAGES[stage]
-
-
-class Run(lora.RunFolder):
-    """A run folder whose stages are the recipe's (STAGES), with the diffusion they all share."""
-
-    def __init__(self, cfg, out, device):
-        super().__init__(cfg, out, device, stage_inputs)
-        self.diffusion = Diffusion(device, cfg.prediction)
 
 
 # ---------------------------------------------------------------------------------- the base models
@@ -440,8 +597,6 @@ def base_models(run):
             return diffusion.loss(m, images, tokens, gen)
 
         train_loop(run, "t2i", m, list(m.parameters()), loss, cfg.t2i_steps, cfg.lr)
-        prompts = [f"a {color} {shape}" for color in data.COLORS for shape in data.SHAPES]
-        save_samples(run, "t2i", m, prompts, video=False)
         return m.state_dict()
 
     m.load_state_dict(run.stage("t2i", train_m))
@@ -460,8 +615,6 @@ def base_models(run):
             return diffusion.loss(v, videos, tokens, gen)
 
         train_loop(run, "t2v", v, params, loss, cfg.t2v_steps, cfg.lr)
-        prompts = [f"a red circle moving {d}" for d in data.DIRECTIONS]
-        save_samples(run, "t2v", v, prompts, video=True)
         return {k: t for k, t in v.state_dict().items() if is_temporal(k)}
 
     v.load_state_dict(run.stage("t2v", train_v), strict=False)
@@ -471,23 +624,19 @@ def base_models(run):
 
 
 def customize(run, m, concept):
-    """M1: a copy of M fine-tuned on cfg.n_stills still images of the concept (DreamBooth /
-    StyleDrop), with prior preservation on images *generated by M* for ordinary prompts
-    (DreamBooth Eq. 2)."""
+    """M1: a copy of M with every T2I weight fine-tuned on cfg.n_stills still images of the concept
+    (DreamBooth / StyleDrop), with prior preservation on images *generated by M* for ordinary
+    prompts (DreamBooth Eq. 2)."""
     cfg, dev, diffusion = run.cfg, run.device, run.diffusion
     m1 = copy.deepcopy(m)
 
     def train_m1():
-        stills, prompts = data.concept_stills(concept, cfg.n_stills, cfg.size, cfg.frames, cfg.seed)
+        stills, prompts = data.concept_stills(
+            concept, cfg.n_stills, cfg.size, cfg.frames, cfg.seed, cfg.style_ground
+        )
         rng = np.random.default_rng([cfg.seed, 11])
         prior_prompts = [data.random_clip(rng).image_prompt() for _ in range(cfg.n_generated)]
         prior = generate(m, diffusion, prior_prompts, cfg, cfg.seed + 11, video=False)  # M's own
-        if cfg.custom_mode == "lora":  # LoRA on every T2I linear, and the new word's embedding
-            lora.add_lora(m1, cfg.custom_rank, lora.CUSTOM, lambda name: True)
-            params = lora.mark_only_adapters_trainable(m1, lora.CUSTOM)
-            params.append(m1.text.embed.weight.requires_grad_())
-        else:  # "full": every T2I weight, as DreamBooth does
-            params = list(m1.parameters())
         half = cfg.custom_batch // 2
 
         def loss(rng, gen):
@@ -498,25 +647,111 @@ def customize(run, m, concept):
             return diffusion.loss(m1, x, data.tokenize(captions).to(dev), gen)
 
         steps = cfg.style_steps if concept == "style" else cfg.custom_steps
-        train_loop(run, f"custom_{concept}", m1, params, loss, steps, cfg.custom_lr)
-        lora.merge_lora(m1, lora.CUSTOM)  # M1 is a plain T2I model either way
-        lora.remove_adapters(m1, lora.CUSTOM)
-        shown = list(dict.fromkeys(prompts)) + prior_prompts[:4]
-        save_samples(run, f"custom_{concept}", m1, shown, video=False)
+        train_loop(run, f"custom_{concept}", m1, list(m1.parameters()), loss, steps, cfg.custom_lr)
         return m1.state_dict()
 
     m1.load_state_dict(run.stage(f"custom_{concept}", train_m1))
     return m1.requires_grad_(False)
 
 
-def save_samples(run, name, model, prompts, video):
-    """What a base stage draws, under <run>/samples/: <name>.png (and .gif for videos)."""
-    x = generate(model, run.diffusion, prompts, run.cfg, run.cfg.seed + 99, video=video)
-    x = ((x + 1) / 2).clamp(0, 1).numpy()
-    if not video:
-        x = x[:, :, None]  # (N, 3, 1, H, W): one-frame videos
-    path = os.path.join(run.dir, "samples", name)
-    data.save_figure(path, [list(x)], [name], prompts, f"samples of {name}")
+# ---------------------------------------------------------------------------- how fast it runs here
+
+
+def bench(cfg, device, steps=10):
+    """Where V's training step stands against this machine: forward, backward and optimizer time;
+    the model FLOPs of a step (FlopCounterMode) against the same-process matmul peak, at 2048^3
+    (8192^3 on CUDA) and at the model's own largest matmul, so that achieved / peak means something
+    on any machine; sampling speed and peak memory. Returns the MFU (achieved / peak at the
+    square)."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    v = inflate(new_unet(cfg)).to(device)
+    diffusion = Diffusion(device, cfg.prediction)
+    x, tokens = data.random_batch(
+        np.random.default_rng(cfg.seed), cfg.video_batch, cfg.size, cfg.frames, True, device
+    )
+    gen = torch.Generator(device).manual_seed(0)
+    opt = torch.optim.AdamW(v.parameters(), lr=1e-4)
+
+    shapes = []  # (rows, in, out) of every nn.Linear call in one forward pass
+
+    def record(module, inputs, output):
+        shapes.append(
+            (inputs[0].numel() // module.in_features, module.in_features, module.out_features)
+        )
+
+    hooks = [m.register_forward_hook(record) for m in v.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        v(x, torch.zeros(len(x), dtype=torch.long, device=device), tokens)
+    for hook in hooks:
+        hook.remove()
+
+    def timed(fn, repeats=1):  # seconds per call, the device synchronised before and after
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    def peak(rows, k, n):  # FLOP/s of one (rows x k) @ (k x n) matmul, in the model's dtype
+        dtype = torch.bfloat16 if cuda else torch.float32
+        a = torch.randn(rows, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        timed(lambda: a @ b, 2)  # warm-up
+        return 2 * rows * k * n / timed(lambda: a @ b, 10)
+
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss = diffusion.loss(v, x, tokens, gen)
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    phases = {"forward": forward, "backward": backward, "optimizer": opt.step}
+    clock = dict.fromkeys(phases, 0.0)
+    for step in range(3 + steps):  # the first 3 steps warm up
+        for name, phase in phases.items():
+            seconds = timed(phase)
+            if step >= 3:
+                clock[name] += seconds / steps
+    seconds = sum(clock.values())
+    with FlopCounterMode(display=False) as counter:
+        for phase in phases.values():
+            phase()
+    flops = counter.get_total_flops()
+    square = 8192 if cuda else 2048
+    rows, k, n = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+    peak_square, peak_model = peak(square, square, square), peak(rows, k, n)
+    prompts = [data.random_clip(np.random.default_rng(i)).prompt() for i in range(cfg.video_batch)]
+    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0))
+    if cuda:
+        memory, how = torch.cuda.max_memory_allocated(), "max_memory_allocated"
+    else:
+        memory, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+    parameters = sum(p.numel() for p in v.parameters())
+    phase_ms = " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items())
+    achieved = flops / seconds
+    print(
+        f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): V at {cfg.size}px "
+        f"x {cfg.frames} frames, batch {cfg.video_batch} videos, {parameters} parameters\n"
+        f"train: {seconds * 1000:.4g} ms/step = {phase_ms} ms; "
+        f"{cfg.video_batch * cfg.frames / seconds:.0f} frames/s; "
+        f"{flops / 1e9:.4g} GFLOP/step, {achieved / 1e9:.4g} GFLOP/s achieved\n"
+        f"matmul peak: {peak_square / 1e9:.4g} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} "
+        f"GFLOP/s at the model's largest matmul ({rows} x {k}) @ ({k} x {n})\n"
+        f"sampling: {videos_per_s:.2f} videos/s "
+        f"(DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
+        f"peak memory: {memory / 2**20:.0f} MiB ({how})\n"
+        f"MFU {achieved / peak_square:.3f} (achieved / peak at {square}^3; "
+        f"{achieved / peak_model:.3f} against the model's largest matmul)"
+    )
+    return achieved / peak_square
 
 
 if __name__ == "__main__":

@@ -17,32 +17,10 @@ adapters (lora.py), and everything else is the T2I model (UNet + text encoder).
 import copy
 import functools
 import math
-import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# ------------------------------------------------------------------------------------ where it runs
-
-
-def pick_device(name="auto"):
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    use_cuda = name in ("auto", "cuda") and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; full fp32 on CPU (where bf16 is slow and changes results)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -62,7 +40,7 @@ def space_time_code(frames, H, W, C, device):
 
     Without it a pixel's features cannot say where they lie nor which frame they are, so V cannot
     learn that "moving left" puts the object on the right early and on the left late: it moved, but
-    in a random direction (NOTES.md, issue 12)."""
+    in a random direction (NOTES.md, "What the toy taught us")."""
     rows, columns = torch.arange(H, device=device), torch.arange(W, device=device)
     ys, xs = torch.meshgrid(rows, columns, indexing="ij")
     x_code, y_code = sinusoidal(xs.flatten(), C // 4), sinusoidal(ys.flatten(), C // 4)
@@ -352,126 +330,3 @@ def t2i_state_dict(model):
     """The T2I part (spatial UNet + text encoder) of M, M1 or V: what "injection" copies."""
     state = model.state_dict()
     return {k: v for k, v in state.items() if not is_temporal(k) and not is_adapter(k)}
-
-
-# ---------------------------------------------------------------------------- how fast it runs here
-
-
-def bench(cfg, device, steps=10):
-    """Where V's training step stands against this machine (`python train.py bench`):
-    - forward, backward and optimizer time, and the model FLOPs of a step (FlopCounterMode);
-    - the same-process matmul peak at 2048^3 and at the model's own largest matmul shape, so that
-      achieved / peak means something on any CPU;
-    - the step's share in the ops that do the FLOPs, a ceiling on what fusing the rest could gain;
-    - sampling speed and peak memory."""
-    import resource
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import data
-    from train import Diffusion, generate, new_unet  # here: train.py imports this module
-
-    cuda = device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    v = inflate(new_unet(cfg)).to(device)
-    diffusion = Diffusion(device, cfg.prediction)
-    rng = np.random.default_rng(cfg.seed)
-    clips = [data.random_clip(rng) for _ in range(cfg.video_batch)]
-    x, prompts = data.video_batch(clips, cfg.size, cfg.frames, 0)
-    x, tokens = x.to(device), data.tokenize(prompts).to(device)
-    gen = torch.Generator(device).manual_seed(0)
-    opt = torch.optim.AdamW(v.parameters(), lr=1e-4)
-
-    shapes = []  # (rows, in, out) of every nn.Linear call in one forward pass
-
-    def record(module, inputs, output):
-        rows = inputs[0].numel() // module.in_features
-        shapes.append((rows, module.in_features, module.out_features))
-
-    hooks = [m.register_forward_hook(record) for m in v.modules() if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        v(x, torch.zeros(len(x), dtype=torch.long, device=device), tokens)
-    for hook in hooks:
-        hook.remove()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def timed(fn, repeats=1):  # seconds per call, the device synchronised before and after
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / repeats
-
-    def peak(rows, k, n):  # FLOP/s of one (rows x k) @ (k x n) matmul, in the model's dtype
-        dtype = torch.bfloat16 if cuda else torch.float32
-        a = torch.randn(rows, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        timed(lambda: a @ b, 2)  # warm-up
-        return 2 * rows * k * n / timed(lambda: a @ b, 10)
-
-    loss = None
-
-    def forward():
-        nonlocal loss
-        loss = diffusion.loss(v, x, tokens, gen)
-
-    def backward():
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-
-    phases = {"forward": forward, "backward": backward, "optimizer": opt.step}
-
-    def one_step():
-        for phase in phases.values():
-            phase()
-
-    clock = dict.fromkeys(phases, 0.0)
-    for step in range(3 + steps):  # the first 3 steps warm up
-        for name, phase in phases.items():
-            seconds = timed(phase)
-            if step >= 3:
-                clock[name] += seconds / steps
-    seconds = sum(clock.values())
-    with FlopCounterMode(display=False) as counter:
-        one_step()
-    with torch.profiler.profile() as prof:  # time per operator (overhead weighs on small ones)
-        one_step()
-    ops = {}
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            ops[event.key] = event.self_device_time_total if cuda else event.self_cpu_time_total
-    heavy = [t for k, t in ops.items() if any(s in k for s in ("conv", "mm", "scaled_dot"))]
-    in_flop_ops = sum(heavy) / sum(ops.values())
-    achieved = counter.get_total_flops() / seconds
-    square = 8192 if cuda else 2048
-    largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
-    peak_square, peak_model = peak(square, square, square), peak(*largest)
-    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0))
-    if cuda:
-        memory, how = torch.cuda.max_memory_allocated(), "max_memory_allocated"
-    else:
-        memory, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
-    parameters = sum(p.numel() for p in v.parameters())
-    phase_ms = " + ".join(f"{k} {t * 1000:.1f}" for k, t in clock.items())
-    rows, k, n = largest
-    print(
-        f"preset {cfg.preset} on {device} ({torch.get_num_threads()} threads): V at {cfg.size}px "
-        f"x {cfg.frames} frames, batch {cfg.video_batch} videos, {parameters} parameters\n"
-        f"train: {seconds * 1000:.1f} ms/step = {phase_ms} ms; "
-        f"{cfg.video_batch * cfg.frames / seconds:.0f} frames/s; "
-        f"{achieved * seconds / 1e9:.2f} GFLOP/step, {achieved / 1e9:.1f} GFLOP/s achieved\n"
-        f"matmul peak: {peak_square / 1e9:.1f} GFLOP/s at {square}^3, {peak_model / 1e9:.1f} "
-        f"GFLOP/s at the model's largest matmul ({rows} x {k}) @ ({k} x {n}); "
-        f"achieved / peak {achieved / peak_square:.2f} and {achieved / peak_model:.2f}\n"
-        f"time in convolutions, matmuls and attention: {in_flop_ops:.0%} of a step; "
-        f"were all other ops free, {1 / in_flop_ops:.2f}x faster\n"
-        f"sampling: {videos_per_s:.2f} videos/s "
-        f"(DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
-        f"peak memory: {memory / 2**20:.0f} MiB ({how})\n"
-        f"MFU {achieved / peak_square:.3f}"
-    )
-    return achieved / peak_square
