@@ -405,26 +405,22 @@ def image_metrics(image, clip):
     return {"custom_fidelity": float(found["custom"]), "content": float(content)}
 
 
-def summarize(per_video, seed=0, resamples=1000):
-    """Mean and bootstrap 95% interval (over videos) of each metric in a list of metric dicts."""
-    rng, out, ci = np.random.default_rng(seed), {}, {}
+def summarize(per_video):
+    """The mean of each metric over a list of metric dicts (None where a metric is undefined), and
+    the list itself, as "videos": the claims' intervals are drawn from it."""
+    means = {}
     for key in per_video[0]:
-        if per_video[0][key] is None:
-            out[key] = None
-            continue
-        values = np.array([m[key] for m in per_video], dtype=np.float64)
-        means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
-        out[key] = float(values.mean())
-        ci[key] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return {**out, "ci95": ci}
+        known = [m[key] for m in per_video if m[key] is not None]
+        means[key] = float(np.mean(known)) if known else None
+    return {**means, "videos": per_video}
 
 
 # -------------------------------------------------------------------- the rows of the results table
 
 
 def measure(method, concept, alpha, videos, clips):
-    """One row of the results table: every metric of video_metrics, averaged over the videos,
-    with bootstrap 95% CIs."""
+    """One row of the results table: every metric of video_metrics for each video, and their means
+    over the videos."""
     if torch.is_tensor(videos):
         videos = ((videos + 1) / 2).clamp(0, 1).numpy()
     stats = summarize([video_metrics(x, c) for x, c in zip(videos, clips)])
@@ -434,7 +430,7 @@ def measure(method, concept, alpha, videos, clips):
 
 
 def measure_images(images, clips):
-    """Generated still images (N, 3, H, W) in [-1, 1], judged as video frames are (image_metrics),
-    with bootstrap 95% CIs."""
+    """Generated still images (N, 3, H, W) in [-1, 1], judged as video frames are (image_metrics):
+    each image's metrics, and their means."""
     images = ((images + 1) / 2).clamp(0, 1).numpy()
     return summarize(list(map(image_metrics, images, clips)))

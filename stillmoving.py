@@ -276,6 +276,27 @@ def frozen_gap(run, parts, concept, seed):
 
 
 # --------------------------------------------------------------------------------------- the claims
+#
+# The verdict rule, fixed before the runs that judge it. Every claim's statistic gets a 95%
+# percentile bootstrap interval over videos (RESAMPLES resamples, a fixed seed). Every row is
+# sampled from the same seeds, so video i starts from the same noise, and moves the same way, in
+# every row (its prompt differs only in what it shows between ordinary and concept rows): rows are
+# paired video by video, and a statistic of two rows resamples both with the same indices. M1's
+# own images are a sample of their own. Then:
+# - a claim with a bar HOLDS when its whole interval meets the bar, FAILS when its whole interval
+#   misses it, and is INCONCLUSIVE otherwise (a ratio is a ratio of means over the same resample);
+# - a comparison HOLDS when the interval of the difference excludes zero the claimed way, FAILS
+#   when it excludes zero the other way, and is INCONCLUSIVE when it contains zero.
+
+HOLDS, INCONCLUSIVE, FAILS = "HOLDS", "INCONCLUSIVE", "FAILS"
+RULE = (
+    "Each statistic has a 95% bootstrap interval over the videos, paired rows resampled together; "
+    "a bar HOLDS when the whole interval meets it and FAILS when the whole interval misses it, a "
+    "comparison HOLDS or FAILS when the interval excludes zero, and anything else is INCONCLUSIVE."
+)
+RESAMPLES = 2000
+HIGHER_IS_WORSE = ("artifacts", "jitter")
+SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")
 
 
 def find(rows, method, concept=None, alpha=None, prompts=None):
@@ -285,69 +306,111 @@ def find(rows, method, concept=None, alpha=None, prompts=None):
     return next(r for r in rows if (r["method"], r["concept"], r["alpha"], r["prompts"]) == wanted)
 
 
-def lower(a, key, b):
-    """a[key] lies below b[key], their bootstrap 95% intervals apart."""
-    return a["ci95"][key][1] < b["ci95"][key][0]
+def per_video(row, key):
+    """A row's metric, one value per video in the order of its prompts (NaN where undefined)."""
+    return np.array([video[key] for video in row["videos"]], dtype=np.float64)
 
 
-def worse(a, b, key):
-    """a is worse than b on a symptom, CIs apart: lower fidelity or consistency, more artifacts
-    or jitter."""
-    return lower(b, key, a) if key in ("artifacts", "jitter") else lower(a, key, b)
+def interval(statistic, a, b=None, paired=True, seed=0):
+    """statistic(mean of a, mean of b) for two samples of per-video values, and its 95% percentile
+    bootstrap interval: (value, low, high). Paired samples are resampled with the same indices."""
+    b = a if b is None else b
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired samples must have one value per video each: {len(a)}, {len(b)}")
+    rng = np.random.default_rng(seed)
+    pick_a = rng.integers(0, len(a), (RESAMPLES, len(a)))
+    pick_b = pick_a if paired else rng.integers(0, len(b), (RESAMPLES, len(b)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a mean of 0 under a ratio: no verdict
+        value = statistic(a.mean(), b.mean())
+        spread = statistic(a[pick_a].mean(1), b[pick_b].mean(1))
+        low, high = np.percentile(spread, [2.5, 97.5])
+    return float(value), float(low), float(high)
 
 
-def ci(row, key):
-    low, high = row["ci95"][key]
-    return f"[{low:.3f}, {high:.3f}]"
+def ratio(a, b):
+    return a / b
 
 
-def motion_ci(row):
-    return f"{row['motion']:.3f} {ci(row, 'motion')}"
+def difference(a, b):
+    return a - b
 
 
-def motion_vs(row, base):
-    return f"motion {motion_ci(row)} vs V {motion_ci(base)} px/frame"
+def mean(a, b):
+    return a
 
 
-def side_by_side(key, **rows):
-    return "; ".join(f"{key} {name} {row[key]:.3f} {ci(row, key)}" for name, row in rows.items())
+def against_bar(low, high, least=-np.inf, most=np.inf):
+    """HOLDS when [low, high] lies within [least, most], FAILS when it lies wholly outside."""
+    if least <= low and high <= most:
+        return HOLDS
+    if high < least or low > most:
+        return FAILS
+    return INCONCLUSIVE
 
 
-def claim(name, text, holds, evidence):
-    """One verdict of results.json: the claim, whether it holds, and the numbers it rests on."""
-    return {"id": name, "text": text, "holds": bool(holds), "evidence": evidence}
+def above_zero(low, high):
+    """A comparison: HOLDS when [low, high] excludes zero above it, FAILS when below."""
+    if low > 0:
+        return HOLDS
+    if high < 0:
+        return FAILS
+    return INCONCLUSIVE
 
 
-SYMPTOMS = ("custom_fidelity", "temporal_consistency", "artifacts", "jitter")
+def test(name, value, low, high, verdict):
+    """One measured statistic of a claim, its interval, and what the interval says."""
+    return {"statistic": name, "value": value, "interval": [low, high], "verdict": verdict}
 
 
-def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
-    """C3a (naive injection breaks the concept) and C3b (Still-Moving repairs it) on `symptoms`."""
+def claim(name, text, verdict, *tests):
+    """One claim of results.json: its verdict and the statistics it rests on."""
+    return {"id": name, "text": text, "verdict": verdict, "tests": list(tests)}
+
+
+def share_of_v(row, base, key, least=-np.inf, most=np.inf):
+    """row's mean of `key` as a share of V's, paired video by video, against a bar."""
+    value, low, high = interval(ratio, per_video(row, key), per_video(base, key))
+    verdict = against_bar(low, high, least, most)
+    return test(f"{key} / V's", value, low, high, verdict)
+
+
+def harm(a, b, key, paired=True):
+    """How much worse a is than b on a symptom (positive: worse): lower fidelity or consistency,
+    more artifacts or jitter. HOLDS: a is worse; FAILS: a is better."""
+    x, y = (a, b) if key in HIGHER_IS_WORSE else (b, a)
+    value, low, high = interval(difference, x, y, paired)
+    return value, low, high, above_zero(low, high)
+
+
+def c3_claims(rows, m1_image, c):
+    """C3a: naive injection breaks the concept (worse than M1's images on custom fidelity, or than V
+    on a symptom); C3b: Still-Moving repairs it (better than naive injection on a symptom, worse on
+    none)."""
     base = find(rows, "base_t2v")
     naive, sm = find(rows, "naive_injection", c), find(rows, "still_moving", c)
-    healthy = dict.fromkeys(SYMPTOMS[1:], base) | {"custom_fidelity": m1_image}
-    broken = [k for k in symptoms if worse(naive, healthy[k], k)]
-    better = [k for k in symptoms if worse(naive, sm, k)]
-    hurt = [k for k in symptoms if worse(sm, naive, k)]
-    others = [k.replace("_", " ") for k in symptoms[1:]]
-    shown = [k for k in ("temporal_consistency", "jitter") if k in symptoms]
+    broken, repaired = [], []
+    for key in SYMPTOMS:
+        if key == "custom_fidelity":  # against M1's own images: a sample of their own
+            healthy, paired, name = per_video(m1_image, key), False, "M1's images"
+        else:
+            healthy, paired, name = per_video(base, key), True, "V"
+        found = harm(per_video(naive, key), healthy, key, paired)
+        broken.append(test(f"{key}: naive worse than {name} by", *found))
+        found = harm(per_video(naive, key), per_video(sm, key), key)
+        repaired.append(test(f"{key}: Still-Moving better than naive by", *found))
+    verdicts = [t["verdict"] for t in broken]
+    c3a = HOLDS if HOLDS in verdicts else FAILS if set(verdicts) == {FAILS} else INCONCLUSIVE
+    verdicts = [t["verdict"] for t in repaired]
+    c3b = FAILS if FAILS in verdicts else HOLDS if HOLDS in verdicts else INCONCLUSIVE
+    symptoms = "custom fidelity (against M1's images), temporal consistency, artifacts or jitter"
     return [
+        claim(f"C3a_{c}", f"naive injection breaks the {c}: worse on {symptoms}", c3a, *broken),
         claim(
-            f"C3a_{c}{tag}",
-            f"naive injection breaks the {c}: below M1's images on custom fidelity, or worse than "
-            f"V on {', '.join(others[:-1])} or {others[-1]}, CIs apart",
-            broken,
-            f"broken on {', '.join(broken) or 'none'}: M1 images {m1_image['custom_fidelity']:.3f}"
-            + "".join(f"; {side_by_side(k, naive=naive, V=base)}" for k in shown)
-            + f"; artifacts naive {naive['artifacts']:.4f}",
-        ),
-        claim(
-            f"C3b_{c}{tag}",
-            f"Still-Moving repairs the {c}: better than naive injection on one of those "
-            f"{len(symptoms)}, CIs apart, and worse on none",
-            better and not hurt,
-            f"better on {', '.join(better) or 'none'}, worse on {', '.join(hurt) or 'none'}"
-            + "".join(f"; {side_by_side(k, SM=sm, naive=naive)}" for k in shown),
+            f"C3b_{c}",
+            f"Still-Moving repairs the {c}: better than naive injection on one of those symptoms, "
+            "worse on none",
+            c3b,
+            *repaired,
         ),
     ]
 
@@ -355,84 +418,81 @@ def c3_claims(rows, m1_image, c, symptoms=SYMPTOMS, tag=""):
 def concept_claims(rows, m1_image, c):
     """C3, C4, C5, C7 for one concept: naive injection against Still-Moving and the ablations."""
     base, sm = find(rows, "base_t2v"), find(rows, "still_moving", c)
-    no_motion_adapter = find(rows, "no_motion_adapter", c)
-    sm_ordinary = find(rows, "still_moving", c, prompts="ordinary")
-    no_prior_ordinary = find(rows, "no_prior_preservation", c, prompts="ordinary")
+    ablation = find(rows, "no_motion_adapter", c)
+    sm_ordinary = per_video(find(rows, "still_moving", c, prompts="ordinary"), "prompt_fidelity")
+    no_prior = find(rows, "no_prior_preservation", c, prompts="ordinary")
+    kept = interval(difference, sm_ordinary, per_video(no_prior, "prompt_fidelity"))
     m1_fidelity = m1_image["custom_fidelity"]
-    direction = f"direction accuracy SM {sm['direction_accuracy']:.3f}, V (ordinary prompts) "
+    fidelity = interval(mean, per_video(sm, "custom_fidelity"))
+    c7 = HOLDS if fidelity[1] <= m1_fidelity else FAILS
+    c4a = share_of_v(sm, base, "motion", 0.75, 1.25)
+    c4b = share_of_v(ablation, base, "motion", most=0.5)
+    c4c = share_of_v(sm, base, "direction_accuracy", least=0.75)
+    c5 = test("prompt fidelity: Still-Moving minus no prior", *kept, above_zero(*kept[1:]))
     return [
         *c3_claims(rows, m1_image, c),
         claim(
             f"C4a_{c}",
             f"Still-Moving keeps V's motion ({c}): within 25% of V's",
-            0.75 * base["motion"] <= sm["motion"] <= 1.25 * base["motion"],
-            motion_vs(sm, base),
+            c4a["verdict"],
+            c4a,
         ),
         claim(
             f"C4b_{c}",
             f"without the motion adapter, frozen videos make the model static ({c}): "
             "motion at most 50% of V's",
-            no_motion_adapter["motion"] <= 0.5 * base["motion"],
-            motion_vs(no_motion_adapter, base),
+            c4b["verdict"],
+            c4b,
         ),
         claim(
             f"C4c_{c}",
             f"Still-Moving keeps V's direction ({c}): its direction accuracy on the {c}'s prompts "
             "is at least 75% of V's on ordinary prompts",
-            sm["direction_accuracy"] >= 0.75 * base["direction_accuracy"],
-            direction + f"{base['direction_accuracy']:.3f}",
+            c4c["verdict"],
+            c4c,
         ),
         claim(
             f"C5_{c}",
             f"prior preservation keeps V's prior ({c}): on ordinary prompts, Still-Moving's "
-            "prompt fidelity is above no_prior_preservation's, CIs apart",
-            lower(no_prior_ordinary, "prompt_fidelity", sm_ordinary),
-            side_by_side(
-                "prompt_fidelity", SM=sm_ordinary, **{"no prior": no_prior_ordinary}, V=base
-            ),
+            "prompt fidelity is above no_prior_preservation's",
+            c5["verdict"],
+            c5,
         ),
         claim(
             f"C7_{c}",
-            f"limitation ({c}): Still-Moving is no more faithful than M1's own images",
-            sm["ci95"]["custom_fidelity"][0] <= m1_fidelity,
-            f"custom fidelity {sm['custom_fidelity']:.3f} {ci(sm, 'custom_fidelity')} "
-            f"vs M1 images {m1_fidelity:.3f}",
+            f"limitation ({c}): Still-Moving is no more faithful than M1's own images "
+            f"({m1_fidelity:.3f}): the low end of its interval is at most theirs",
+            c7,
+            test("custom fidelity of Still-Moving", *fidelity, c7),
         ),
     ]
 
 
 def check_claims(rows, params, m1_images):
-    """The paper's claims (PAPER.md) as fixed tests on measured numbers ("CIs apart": the bootstrap
-    95% intervals do not overlap), fixed before the runs that judged them."""
+    """The paper's claims (PAPER.md), each judged by the verdict rule above."""
     base = find(rows, "base_t2v")
-    static = find(rows, "motion_scale", alpha=1.0)
-    more = find(rows, "motion_scale", alpha=-1.0)
+    static = share_of_v(find(rows, "motion_scale", alpha=1.0), base, "motion", most=0.25)
+    more = per_video(find(rows, "motion_scale", alpha=-1.0), "motion")
+    more = interval(difference, more, per_video(base, "motion"))
+    more = test("motion at alpha = -1 minus V's, px/frame", *more, above_zero(*more[1:]))
     claims = [
         claim(
             "C1",
-            "switch: motion at alpha = 1 is below 25% of V's, with its whole 95% interval",
-            static["ci95"]["motion"][1] < 0.25 * base["motion"],
-            motion_vs(static, base),
+            "the motion adapter is a switch: at alpha = 1, V travels at most 25% of its travel "
+            "at alpha = 0",
+            static["verdict"],
+            static,
         ),
         claim(
-            "C2",
-            "dial: motion at alpha = -1 is above V's, CIs apart",
-            lower(base, "motion", more),
-            motion_vs(more, base),
+            "C2", "and a dial: at alpha = -1 (never trained) V moves more", more["verdict"], more
         ),
     ]
     for concept in CONCEPTS:
         claims += concept_claims(rows, m1_images[concept], concept)
-    share = {k: params[k] / params["unet"] for k in ("motion_adapter", "spatial_adapter")}
-    counts = ", ".join(f"{k} {params[k]} = {100 * s:.2f}%" for k, s in share.items())
-    claims.append(
-        claim(
-            "C6",
-            "light: each adapter kind has at most 5% of the UNet's parameters",
-            max(share.values()) <= 0.05,
-            f"{counts} of {params['unet']}",
-        )
-    )
+    share = max(params[k] / params["unet"] for k in ("motion_adapter", "spatial_adapter"))
+    light = HOLDS if share <= 0.05 else FAILS
+    text = "light: each adapter kind has at most 5% of the UNet's parameters"
+    claims.append(claim("C6", text, light, test("the larger share", share, share, share, light)))
     return sorted(claims, key=lambda c: c["id"])
 
 
@@ -480,11 +540,22 @@ def results_markdown(results):
     m1 = results["m1_images"]
     scores = [f"{c} {m1[c]['custom_fidelity']:.3f}, {m1[c]['content']:.3f}" for c in concepts]
     lines += ["", *notes, "", "M1's own images (custom_fidelity, content): " + ", ".join(scores)]
-    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += ["", f"Claims: {verdict_counts(results['claims'])}. {RULE}", ""]
+    lines += ["| claim | verdict | statistic: value [95% interval] |", "|---|---|---|"]
     for c in results["claims"]:
-        verdict = "HOLDS" if c["holds"] else "FAILS"
-        lines.append(f"| {c['id']}: {c['text']} | {verdict} | {c['evidence']} |")
+        tests = []
+        for t in c["tests"]:
+            low, high = t["interval"]
+            shown = f"{t['statistic']} {t['value']:.3f} [{low:.3f}, {high:.3f}]"
+            tests.append(shown + (f" ({t['verdict']})" if len(c["tests"]) > 1 else ""))
+        lines.append(f"| {c['id']}: {c['text']} | {c['verdict']} | {'; '.join(tests)} |")
     return "\n".join(lines) + "\n"
+
+
+def verdict_counts(claims):
+    """The one-line summary of a results table: how many claims hold, are inconclusive, fail."""
+    found = [c["verdict"] for c in claims]
+    return ", ".join(f"{found.count(v)} {v}" for v in (HOLDS, INCONCLUSIVE, FAILS))
 
 
 def _change(gap):
@@ -749,6 +820,7 @@ def config_from(args):
 
 
 def cli(argv):
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets each stage's line when it ends
     args = parse(argv)
     try:
         if argv[:1] == ["sample"]:

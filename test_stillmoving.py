@@ -497,44 +497,92 @@ def test_metrics_score_real_videos_ideal_and_corrupted_ones_worse(concept):
 # ---------------------------------------------------------------------------- stages and the recipe
 
 
-def claim_rows(naive_jitter, sm_direction):
-    """A results table whose answers are known: every row is healthy and alike (V's numbers), except
-    naive injection's jitter and Still-Moving's direction accuracy on the concept's prompts."""
+def claim_rows(changes=()):
+    """A results table whose answers are known: 32 videos a row, every row healthy and alike (V's
+    numbers), except where `changes` gives a row's metric, as (method, concept, metric) -> one
+    value for every video, or a list of per-video values."""
     keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity")
     keys += ("temporal_consistency", "artifacts")
     healthy = dict(zip(keys, (0.8, 0.05, 1.0, 1.0, 1.0, 1.0, 0.0)))
-
-    def row(method, concept=None, alpha=None, prompts=None, **changed):
-        values = {**healthy, **changed}
-        prompts = prompts or ("concept" if concept else "ordinary")
-        head = {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts}
-        ci95 = {k: [v - 0.01, v + 0.01] for k, v in values.items()}
-        return {**head, "n_videos": 32, **values, "ci95": ci95}
-
-    rows = [row("base_t2v"), row("motion_scale", alpha=1.0, motion=0.05)]
-    rows.append(row("motion_scale", alpha=-1.0, motion=1.0))
+    table = {
+        ("motion_scale", None, 1.0, "ordinary"): {"motion": 0.05},
+        ("motion_scale", None, -1.0, "ordinary"): {"motion": 1.0},
+        ("base_t2v", None, None, "ordinary"): {},
+    }
     for c in stillmoving.CONCEPTS:
-        rows.append(row("naive_injection", c, jitter=naive_jitter))
-        rows.append(row("still_moving", c, direction_accuracy=sm_direction))
-        rows.append(row("still_moving", c, prompts="ordinary"))
-        rows.append(row("no_motion_adapter", c, motion=0.2))
-        rows.append(row("no_prior_preservation", c, prompts="ordinary", prompt_fidelity=0.5))
-    m1_image = {"custom_fidelity": 1.0, "ci95": {"custom_fidelity": [1.0, 1.0]}}
+        table["naive_injection", c, None, "concept"] = {"jitter": 1.5}  # it wobbles
+        table["still_moving", c, None, "concept"] = {}
+        table["still_moving", c, None, "ordinary"] = {}
+        table["no_motion_adapter", c, None, "concept"] = {"motion": 0.2}  # it froze
+        table["no_prior_preservation", c, None, "ordinary"] = {"prompt_fidelity": 0.5}
+    for (method, concept, key), value in dict(changes).items():
+        for head, changed in table.items():
+            if head[:2] == (method, concept) and head[3] == ("concept" if concept else "ordinary"):
+                changed[key] = value
+    rows = []
+    for (method, concept, alpha, prompts), changed in table.items():
+        values = {**healthy, **changed}
+        spread = {k: np.broadcast_to(v, 32) for k, v in values.items()}
+        videos = [{k: float(spread[k][i]) for k in keys} for i in range(32)]
+        head = {"method": method, "concept": concept, "alpha": alpha, "prompts": prompts}
+        means = {k: float(np.mean(spread[k])) for k in keys}
+        rows.append({**head, "n_videos": 32, **means, "videos": videos})
+    m1_image = {"custom_fidelity": 1.0, "videos": [{"custom_fidelity": 1.0}] * 32}
     params = {"unet": 1000, "motion_adapter": 10, "spatial_adapter": 10}
     return rows, params, dict.fromkeys(stillmoving.CONCEPTS, m1_image)
 
 
-def verdicts(rows, params, m1_images):
-    return {c["id"]: c["holds"] for c in stillmoving.check_claims(rows, params, m1_images)}
+def verdicts(changes=()):
+    claims = stillmoving.check_claims(*claim_rows(changes))
+    return {c["id"]: c["verdict"] for c in claims}
 
 
-def test_c3_counts_jitter_and_c4c_asks_for_three_quarters_of_v_direction():
-    jumpy = verdicts(*claim_rows(naive_jitter=1.5, sm_direction=0.75))
-    assert jumpy["C3a_style"] and jumpy["C3b_subject"]  # the wobble alone breaks and is repaired
-    assert jumpy["C4c_style"] and jumpy["C4c_subject"]  # 0.75 of V's 1.0: just enough
-    assert all(jumpy.values())  # the known answer: every claim of this table holds
-    calm = verdicts(*claim_rows(naive_jitter=0.05, sm_direction=0.74))
-    assert not calm["C3a_style"] and not calm["C3b_style"] and not calm["C4c_subject"]
+def test_every_claim_of_a_table_whose_answers_are_known_holds():
+    found = verdicts()
+    assert len(found) == 17 and set(found.values()) == {"HOLDS"}, found
+
+
+def test_a_bar_holds_far_inside_fails_far_outside_and_straddled_is_inconclusive():
+    """C4b: the ablation's travel at most 50% of V's. 25% HOLDS, 100% FAILS; videos that travel
+    0 or 0.8 at random around a mean of 0.4 (50%) cannot tell, whatever the verdict wanted."""
+    key = ("no_motion_adapter", "style", "motion")
+    assert verdicts({key: 0.2})["C4b_style"] == "HOLDS"
+    assert verdicts({key: 0.8})["C4b_style"] == "FAILS"
+    half = np.random.default_rng(0).permutation([0.0, 0.8] * 16)
+    assert verdicts({key: half})["C4b_style"] == "INCONCLUSIVE"
+
+
+def test_a_comparison_is_inconclusive_when_its_interval_contains_zero_and_fails_the_other_way():
+    """C3a_style: naive injection no worse than V on any symptom cannot show that it breaks the
+    style; better than V on every symptom, it FAILS. C3b: Still-Moving worse on one symptom
+    FAILS, whatever it repairs."""
+    same = verdicts({("naive_injection", "style", "jitter"): 0.05})
+    assert same["C3a_style"] == "INCONCLUSIVE" and same["C3b_style"] == "INCONCLUSIVE"
+    better = {("naive_injection", "style", "jitter"): 0.0}  # calmer than V's 0.05
+    better["naive_injection", "style", "artifacts"] = -0.01  # and fewer stray pixels, etc.
+    better["naive_injection", "style", "temporal_consistency"] = 1.01
+    better["naive_injection", "style", "custom_fidelity"] = 1.01
+    assert verdicts(better)["C3a_style"] == "FAILS"
+    hurt = verdicts({("still_moving", "subject", "artifacts"): 0.02})
+    assert hurt["C3b_subject"] == "FAILS" and hurt["C3b_style"] == "HOLDS"
+
+
+def test_pairing_narrows_the_interval_of_a_difference_between_rows_that_share_their_noise():
+    """Two rows sampled from the same seeds share each video's noise: resampled together, their
+    difference is sharp; resampled apart, the noise they share hides it."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0, 0.5, 32)  # what the seed of video i does to both rows
+    a, b = shared + 0.1 + rng.normal(0, 0.02, 32), shared
+    _, low, high = stillmoving.interval(stillmoving.difference, a, b, paired=True)
+    _, low_apart, high_apart = stillmoving.interval(stillmoving.difference, a, b, paired=False)
+    assert low > 0 and low_apart < 0 < high_apart
+    assert high - low < 0.2 * (high_apart - low_apart)
+
+
+def test_the_same_seed_gives_the_same_verdicts_and_intervals():
+    noisy = {("still_moving", "style", "motion"): np.random.default_rng(1).uniform(0, 1.6, 32)}
+    first, again = (stillmoving.check_claims(*claim_rows(noisy)) for _ in range(2))
+    assert first == again
 
 
 def test_each_ablation_changes_exactly_one_thing():
@@ -674,10 +722,13 @@ def test_quick_run_writes_every_output(quick_run):
     assert {a for m, _, a in methods if m == "motion_scale"} == {1.0, 0.5, 0.0, -0.5, -1.0}
     assert all(r["n_videos"] == QUICK.eval_videos for r in saved["rows"])
     assert {c["id"][:2] for c in saved["claims"]} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}
-    assert (
-        "HOLDS" in open(os.path.join(run.dir, "results.md")).read()
-        or "FAILS" in open(os.path.join(run.dir, "results.md")).read()
-    )
+    table = open(os.path.join(run.dir, "results.md")).read()
+    found = [c["verdict"] for c in saved["claims"]]
+    assert set(found) <= {"HOLDS", "INCONCLUSIVE", "FAILS"}
+    counts = ", ".join(f"{found.count(v)} {v}" for v in ("HOLDS", "INCONCLUSIVE", "FAILS"))
+    assert f"Claims: {counts}." in table
+    assert all(f"| {c['id']}: {c['text']} | {c['verdict']} |" in table for c in saved["claims"])
+    assert all(len(r["videos"]) == r["n_videos"] for r in saved["rows"])
     sizes = {
         f: os.path.getsize(os.path.join(run.dir, "ckpt", f))
         for f in os.listdir(os.path.join(run.dir, "ckpt"))
