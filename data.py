@@ -40,7 +40,7 @@ PAD = "<pad>"
 WORDS = ["a", *COLORS, *SHAPES, "moving", *DIRECTIONS, "in", "style", "object"]
 VOCAB = [PAD, *WORDS, SUBJECT_TOKEN, STYLE_TOKEN]
 MAX_WORDS = 8  # "a red circle in zxq style moving left"
-STYLE_SEEN = 0.5  # a frame's ground is the style's when its grey is above this
+STYLE_SEEN = 0.1  # a frame's ground is the style's when its grey is above this: not black
 FG_THRESHOLD = 0.35  # foreground: some channel differs from the background by more than this
 
 

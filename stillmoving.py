@@ -256,6 +256,9 @@ def evaluate(run, parts):
             rows.append(data.measure(method, concept, None, shown[method, concept], clips))
             if method in ("still_moving", "no_prior_preservation"):  # does it still do what V does?
                 rows.append(data.measure(method, concept, None, sample(model, ordinary), ordinary))
+        # the switch on the customized model: does alpha = 1 still V with M1 injected?
+        shown["switch", concept] = sample(build(parts, "naive_injection", concept, 1.0), clips)
+        rows.append(data.measure("naive_injection", concept, 1.0, shown["switch", concept], clips))
     return rows, gaps, shown
 
 
@@ -415,8 +418,25 @@ def c3_claims(rows, m1_image, c):
     ]
 
 
+def switch_claim(rows, c):
+    """C1b: at alpha = 1 the motion adapter stills V with M1 injected, not only the plain V: the
+    premise that frozen videos then teach the spatial adapters the look, not stillness."""
+    base, still = find(rows, "base_t2v"), find(rows, "naive_injection", c, alpha=1.0)
+    travel = share_of_v(still, base, "motion", most=0.25)
+    value, low, high = interval(mean, per_video(still, "jitter"))
+    jitter = test("jitter, px/frame", value, low, high, against_bar(low, high, most=0.5))
+    verdicts = {travel["verdict"], jitter["verdict"]}
+    verdict = FAILS if FAILS in verdicts else HOLDS if verdicts == {HOLDS} else INCONCLUSIVE
+    text = (
+        f"the switch holds on the customized model ({c}): at alpha = 1, V with M1 injected "
+        "travels at most 25% of V's, with jitter at most 0.5 px/frame"
+    )
+    return claim(f"C1b_{c}", text, verdict, travel, jitter)
+
+
 def concept_claims(rows, m1_image, c):
-    """C3, C4, C5, C7 for one concept: naive injection against Still-Moving and the ablations."""
+    """C1b, C3, C4, C5, C7 for one concept: the switch on the customized model, naive injection
+    against Still-Moving, and the ablations."""
     base, sm = find(rows, "base_t2v"), find(rows, "still_moving", c)
     ablation = find(rows, "no_motion_adapter", c)
     sm_ordinary = per_video(find(rows, "still_moving", c, prompts="ordinary"), "prompt_fidelity")
@@ -430,6 +450,7 @@ def concept_claims(rows, m1_image, c):
     c4c = share_of_v(sm, base, "direction_accuracy", least=0.75)
     c5 = test("prompt fidelity: Still-Moving minus no prior", *kept, above_zero(*kept[1:]))
     return [
+        switch_claim(rows, c),
         *c3_claims(rows, m1_image, c),
         claim(
             f"C4a_{c}",
@@ -591,12 +612,18 @@ def _draw_trail(draw, points, x, y, scale):
         draw.ellipse((lx - 4, ly - 4, lx + 4, ly + 4), fill=TRAIL)
 
 
-def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
+def draw_width(font, text):
+    """The width in pixels of a (multi-line) text."""
+    return int(max(font.getlength(line) for line in text.split("\n")))
+
+
+def save_figure(path, grid, row_labels, column_labels, title, notes=None, cell=128, fps=4):
     """A labelled grid of videos (rows of (3, F, H, W) arrays in [0, 1]) as path.png and path.gif.
 
     The PNG shows each video's first frame with the object's path over all its frames drawn on it
     (a straight line: it moves steadily; a zigzag: it jumps about; a dot: it stands still). The GIF
-    plays the frames, the path drawn as far as they have gone. Images (F = 1) get no path."""
+    plays the frames, the path drawn as far as they have gone. Images (F = 1) get no path. `notes`,
+    one text per row, are printed to the right of the row's cells."""
     C, F, H, W = grid[0][0].shape
     scale = max(1, cell // W)
     side, gap, left = W * scale, 6, 180
@@ -605,8 +632,11 @@ def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
     top = 44 + 16 * max(head.count("\n") + 1 for head in heads)
     legend = "ring: first frame, dot: last; straight: steady motion, zigzag: jumps, a dot: still"
     texts = [title, legend] if F > 1 else [title]
-    text_width = max(font.getlength(text) for text in texts)
-    width = max(left + len(grid[0]) * (side + gap), int(text_width) + 12)  # the legend fits
+    text_width = max(draw_width(font, text) for text in texts)
+    cells = left + len(grid[0]) * (side + gap)
+    notes = notes or [""] * len(grid)
+    note_width = max(draw_width(font, note) for note in notes)
+    width = max(cells + note_width + 12, int(text_width) + 12)  # the legend and the notes fit
     height = top + len(grid) * (side + gap)
     trails = [[[data.centroid(video[:, f]) for f in range(F)] for video in row] for row in grid]
     pictures = []
@@ -621,6 +651,7 @@ def save_figure(path, grid, row_labels, column_labels, title, cell=128, fps=4):
         for i, row in enumerate(grid):
             y = top + i * (side + gap)
             draw.multiline_text((6, y + side // 2 - 16), row_labels[i], fill="black", font=font)
+            draw.multiline_text((cells + 4, y + 4), notes[i], fill="black", font=font)
             for j, video in enumerate(row):
                 x = left + j * (side + gap)
                 frame = Image.fromarray(_uint8(video[:, shown or 0]))
@@ -659,13 +690,33 @@ def save_samples(run, parts):
         save_figure(path, [list(x)], [name], prompts, f"samples of {name}")
 
 
-ROW_LABELS = {
-    "real": "real video\n(the ground truth)",
-    "naive_injection": "naive injection\n(M1's weights in V)",
-    "still_moving": "Still-Moving\n(+ spatial adapters)",
-    "no_motion_adapter": "no motion adapter\n(ablation)",
-    "no_prior_preservation": "no prior preservation\n(ablation)",
+FIGURE_ROWS = {  # the figure's rows: key of the shown videos -> (label, method, alpha)
+    "real": ("real video\n(the ground truth)", "real", None),
+    "naive_injection": ("naive injection\n(M1's weights in V)", "naive_injection", None),
+    "switch": ("naive injection,\nmotion adapter on\n(alpha = 1: still?)", "naive_injection", 1.0),
+    "still_moving": ("Still-Moving\n(+ spatial adapters)", "still_moving", None),
+    "no_motion_adapter": ("no motion adapter\n(ablation)", "no_motion_adapter", None),
+    "no_prior_preservation": (
+        "no prior preservation\n(ablation)",
+        "no_prior_preservation",
+        None,
+    ),
 }
+
+
+def row_evidence(rows, method, concept, alpha=None):
+    """What a figure row's few cells stand for: over all its videos, the row's travel as a share
+    of V's, its jitter and its direction accuracy, each with its 95% interval."""
+    base, row = find(rows, "base_t2v"), find(rows, method, concept, alpha)
+    travel = interval(ratio, per_video(row, "motion"), per_video(base, "motion"))
+    jitter = interval(mean, per_video(row, "jitter"))
+    direction = interval(mean, per_video(row, "direction_accuracy"))
+    return (
+        f"{concept} ({row['n_videos']} videos): travel {travel[0]:.0%} of V's "
+        f"[{travel[1]:.0%}, {travel[2]:.0%}]\n"
+        f"  jitter {jitter[0]:.2f} [{jitter[1]:.2f}, {jitter[2]:.2f}] px/frame, "
+        f"direction {direction[0]:.2f} [{direction[1]:.2f}, {direction[2]:.2f}]"
+    )
 
 
 def alpha_label(alpha):
@@ -673,9 +724,10 @@ def alpha_label(alpha):
     return f"alpha = {alpha:g}" + (f"\n({notes[alpha]})" if alpha in notes else "")
 
 
-def write_figures(run, shown, per_concept=2):
+def write_figures(run, shown, rows, per_concept=2):
     """figure.png / figure.gif (the paper's Fig. 2 in miniature: the style's prompts first, then
-    the subject's) and motion_scale.png / .gif (the alpha dial), each a labelled grid."""
+    the subject's, each row's evidence beside it) and motion_scale.png / .gif (the alpha dial),
+    each a labelled grid."""
 
     def to01(videos):
         return ((torch.as_tensor(videos) + 1) / 2).clamp(0, 1).numpy()
@@ -683,11 +735,19 @@ def write_figures(run, shown, per_concept=2):
     clips = {c: eval_clips(run.cfg, c) for c in CONCEPTS}
     per_concept = min(per_concept, run.cfg.eval_videos)
     columns = [(c, i) for c in ("style", "subject") for i in range(per_concept)]
-    grid = [[to01(shown[method, c][i : i + 1])[0] for c, i in columns] for method in ROW_LABELS]
+    grid, labels, notes = [], [], []
+    for key, (label, method, alpha) in FIGURE_ROWS.items():
+        grid.append([to01(shown[key, c][i : i + 1])[0] for c, i in columns])
+        labels.append(label)
+        evidence = [row_evidence(rows, method, c, alpha) for c in ("style", "subject")]
+        notes.append("\n".join(evidence))
     heads = [clips[c][i].prompt() for c, i in columns]
-    title = f"Still-Moving, seed {run.cfg.seed}: each video's path over its {run.cfg.frames} frames"
+    title = (
+        f"Still-Moving, seed {run.cfg.seed}: each video's path over its {run.cfg.frames} frames; "
+        "beside each row, its numbers over all its videos, with 95% intervals"
+    )
     path = os.path.join(run.dir, "figure")
-    save_figure(path, grid, list(ROW_LABELS.values()), heads, title)
+    save_figure(path, grid, labels, heads, title, notes)
     ordinary = eval_clips(run.cfg, None)[:4]
     grid = [list(to01(shown["alpha", alpha][:4])) for alpha in ALPHAS]
     labels = [alpha_label(alpha) for alpha in ALPHAS]
@@ -708,8 +768,10 @@ def main(cfg, out, device):
     save_samples(run, parts)
     eval_start = time.time()
     rows, gaps, shown = evaluate(run, parts)
-    write_figures(run, shown)
+    write_figures(run, shown, rows)
     run.seconds["evaluate"] = round(time.time() - eval_start, 2)
+    seconds = run.seconds["evaluate"]
+    print(f"[evaluate] {len(rows)} rows of {cfg.eval_videos} videos in {seconds:.0f} s")
     m1_images = {}  # M1's own images, judged as the video frames are
     for c in CONCEPTS:
         m1_images[c] = data.measure_images(parts["generated"][c]["images"], m1_clips(cfg, c))
@@ -720,6 +782,7 @@ def main(cfg, out, device):
     results = {
         "preset": cfg.preset,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "seed": cfg.seed,
         "resolution": cfg.size,
         "frames": cfg.frames,

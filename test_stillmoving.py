@@ -455,6 +455,21 @@ def test_style_stills_show_every_colour_and_shape():
     assert set(subject) == {"a sks object"}
 
 
+@pytest.mark.parametrize("ground", [0.2, 0.4, 0.6, 0.85])
+def test_the_style_is_recognised_on_any_grey_ground_and_black_is_not_the_style(ground):
+    """The classifier tells the style by its ground differing from black, whatever its grey: every
+    colour and shape of the style's stills is read right, on the style's ground."""
+    stills, prompts = data.concept_stills("style", 12, 16, 8, 0, ground)
+    for image, prompt in zip(((stills + 1) / 2).numpy(), prompts):
+        label = data.classify(image)[0]
+        assert (label.color, label.kind, label.style) == (*prompt.split()[1:3], True), prompt
+        assert abs(label.ground - ground) < 0.01
+    black = data.render_video(data.Clip("circle", "red", "left"), 16, 8, seed=0)[:, 0]
+    assert not data.classify(black)[0].style
+    with pytest.raises(ValueError, match="style_ground=0.1"):
+        train.Config(style_ground=0.1)
+
+
 def test_tokenizer_rejects_unknown_words_with_the_vocabulary():
     with pytest.raises(ValueError, match="unknown word 'purple'.*the vocabulary is: a red"):
         data.tokenize(["a purple circle"])
@@ -511,13 +526,18 @@ def claim_rows(changes=()):
     }
     for c in stillmoving.CONCEPTS:
         table["naive_injection", c, None, "concept"] = {"jitter": 1.5}  # it wobbles
+        table["naive_injection", c, 1.0, "concept"] = {
+            "motion": 0.05,
+            "jitter": 0.1,
+        }  # switched off
         table["still_moving", c, None, "concept"] = {}
         table["still_moving", c, None, "ordinary"] = {}
         table["no_motion_adapter", c, None, "concept"] = {"motion": 0.2}  # it froze
         table["no_prior_preservation", c, None, "ordinary"] = {"prompt_fidelity": 0.5}
-    for (method, concept, key), value in dict(changes).items():
-        for head, changed in table.items():
-            if head[:2] == (method, concept) and head[3] == ("concept" if concept else "ordinary"):
+    for (method, concept, *alpha, key), value in dict(changes).items():
+        for (*head, prompts), changed in table.items():
+            wanted = [method, concept, *(alpha or [None])]
+            if head == wanted and prompts == ("concept" if concept else "ordinary"):
                 changed[key] = value
     rows = []
     for (method, concept, alpha, prompts), changed in table.items():
@@ -539,7 +559,7 @@ def verdicts(changes=()):
 
 def test_every_claim_of_a_table_whose_answers_are_known_holds():
     found = verdicts()
-    assert len(found) == 17 and set(found.values()) == {"HOLDS"}, found
+    assert len(found) == 19 and set(found.values()) == {"HOLDS"}, found
 
 
 def test_a_bar_holds_far_inside_fails_far_outside_and_straddled_is_inconclusive():
@@ -565,6 +585,18 @@ def test_a_comparison_is_inconclusive_when_its_interval_contains_zero_and_fails_
     assert verdicts(better)["C3a_style"] == "FAILS"
     hurt = verdicts({("still_moving", "subject", "artifacts"): 0.02})
     assert hurt["C3b_subject"] == "FAILS" and hurt["C3b_style"] == "HOLDS"
+
+
+def test_the_switch_on_the_customized_model_needs_both_stillness_and_calm():
+    """C1b: at alpha = 1 the injected model travels at most 25% of V's and jitters at most 0.5
+    px/frame. Either missed over its whole interval FAILS; both met HOLDS; a jitter straddling
+    0.5 leaves it open."""
+    leak = verdicts({("naive_injection", "style", 1.0, "motion"): 0.8})
+    assert leak["C1b_style"] == "FAILS" and leak["C1b_subject"] == "HOLDS"
+    assert verdicts({("naive_injection", "style", 1.0, "jitter"): 4.5})["C1b_style"] == "FAILS"
+    shaky = np.random.default_rng(0).permutation([0.0, 1.0] * 16)  # 0.5 px/frame on average
+    found = verdicts({("naive_injection", "style", 1.0, "jitter"): shaky})
+    assert found["C1b_style"] == "INCONCLUSIVE"
 
 
 def test_pairing_narrows_the_interval_of_a_difference_between_rows_that_share_their_noise():

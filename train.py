@@ -164,10 +164,10 @@ class Config:
             raise ValueError(f"size={self.size} must be 8..128 px and divisible by {levels}")
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={self.prediction!r}; use eps or v")
-        if not data.STYLE_SEEN < self.style_ground <= 1:
+        if not 2 * data.STYLE_SEEN <= self.style_ground <= 1:
             raise ValueError(
                 f"style_ground={self.style_ground}: the metrics tell the style's ground from "
-                f"black above {data.STYLE_SEEN}, and a grey is at most 1"
+                f"black above {data.STYLE_SEEN}, so it is a grey from {2 * data.STYLE_SEEN} to 1"
             )
         counts = (self.image_batch, self.custom_batch, self.video_batch, self.eval_videos)
         counts += (self.n_stills, self.n_generated, self.sample_steps, self.sample_batch)
