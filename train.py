@@ -147,7 +147,7 @@ class Config:
     prediction: str = "v"  # what the UNet predicts: "eps" (Ho et al.) or "v" (Salimans & Ho 2022)
     sample_steps: int = 10  # DDIM steps; 20 gave the same verdicts (NOTES.md)
     guidance: float = 3.0  # classifier-free guidance scale
-    eval_videos: int = 32  # videos per row of the results table
+    eval_videos: int = 64  # videos per row: intervals 0.7 as wide as at 32 (NOTES.md)
     sample_batch: int = 8  # prompts sampled at once; on CPU 8 beat 64 (NOTES.md)
     ema: float = 0.995  # EMA decay of trained weights; 0 turns it off
     ckpt_every: int = 100  # steps between resumable checkpoints
