@@ -242,12 +242,9 @@ def random_batch(rng, n, size, frames, video, device="cpu"):
 
 def shift(images, rng):
     """Move the shape of each (B, 3, H, W) still to a random place where it stays whole
-    (augmentation), so that M1 learns the concept's look rather than where its few stills put it.
-
-    The roll wraps only the still's own ground around, pixels within 0.01 of it (light or black:
-    black padding once drew stripes that M1 learned). With shifts of at most 2 px, the style's M1
-    drew each colour x shape where its one still had it, and the videos made with M1 stayed there
-    (NOTES.md, finding 11)."""
+    (augmentation), so that M1 learns the concept's look rather than where its few stills put it
+    (NOTES.md, finding 11). The roll wraps only the still's own ground around: black padding once
+    drew stripes that M1 learned."""
     moved = torch.empty_like(images)
     for b, image in enumerate(images):
         frame = ((image + 1) / 2).numpy()
@@ -264,12 +261,8 @@ def shift(images, rng):
 
 def concept_stills(concept, n, size, frames, seed, style_ground=None):
     """The few still images a user brings to customize M (DreamBooth / StyleDrop), fixed by the
-    seed.
-
-    A style is shown on varied content: its stills go through every colour x shape in a
-    seed-fixed order (12 stills: each once). Drawn at random instead, seed 1's twelve had no green
-    shape and no red square, and only 0.53 of M1's style images had the prompted colour and shape
-    (NOTES.md, finding 4)."""
+    seed. A style is shown on varied content: its stills go through every colour x shape once
+    (drawn at random, one seed's twelve missed green, and M1 drew it wrong: NOTES.md, finding 4)."""
     rng = np.random.default_rng([seed, 7])
     clips = [random_clip(rng, concept, style_ground) for _ in range(n)]
     if concept == "style":

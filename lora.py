@@ -2,8 +2,8 @@
 
 - Motion adapter (Sec. 3.2): a LoRA on the temporal self-attention projections W_Q, W_K, W_V,
       W~ = W + alpha * A_down @ A_up,   A_down: C x r (random),  A_up: r x d_k (zero).
-  alpha is a *runtime* number: alpha = 0 skips the branch, so it is exactly the base model; negative
-  alpha works. Merging the adapter into W is explicit (`merge_lora`) and undone by `unmerge_lora`.
+  alpha is a *runtime* number, never merged into W: alpha = 0 skips the branch, so it is exactly
+  the base model, and negative alpha works.
 - Spatial adapter (Sec. 3.3): after each injected T2I block, over channels,
       Adapter(X) = X (I + A_down @ A_up),   A_down: C x r (random),  A_up: r x C (zero).
 
@@ -25,18 +25,14 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, kind):
         super().__init__()
-        self.base, self.kind, self.alpha, self.merged = base, kind, 1.0, False
+        self.base, self.kind, self.alpha = base, kind, 1.0
         device = base.weight.device
         self.A_down = nn.Parameter(torch.randn(base.in_features, rank, device=device) / rank)
         self.A_up = nn.Parameter(torch.zeros(rank, base.out_features, device=device))  # a no-op
 
-    def delta(self):
-        """alpha * A_down @ A_up, transposed to nn.Linear's (out, in) weight layout."""
-        return self.alpha * (self.A_down @ self.A_up).T
-
     def forward(self, x):
         y = self.base(x)
-        if self.alpha == 0 or self.merged:  # alpha = 0 is exactly the base layer, not "nearly"
+        if self.alpha == 0:  # alpha = 0 is exactly the base layer, not "nearly"
             return y
         return y + self.alpha * ((x @ self.A_down) @ self.A_up)  # W~ = W + alpha A_down A_up
 
@@ -110,18 +106,13 @@ def set_scale(model, alpha, kind=MOTION):
     if not math.isfinite(alpha):
         raise ValueError(f"the adapter scale must be a finite number, got {alpha}")
     for m in adapters(model, kind):
-        if m.merged:
-            raise RuntimeError("unmerge the adapter (lora.unmerge_lora) before changing its scale")
         m.alpha = alpha
     return model
 
 
 def remove_adapters(model, kind=None):
     """Take adapters out, giving back the original module tree (a LoRA -> its base Linear, a
-    spatial adapter -> Identity).
-
-    An unmerged LoRA leaves W exactly as it was; a merged one leaves its delta folded into W (that
-    is what merging is for: a merged adapter's model is a plain model again)."""
+    spatial adapter -> Identity): W is exactly as it was, as alpha never touched it."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (LoRALinear, SpatialAdapter)) and kind in (None, mod.kind):
             parent, child = _parent(model, name)
@@ -136,24 +127,6 @@ def mark_only_adapters_trainable(model, kind):
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-@torch.no_grad()
-def merge_lora(model, kind):
-    """Fold alpha * A_down A_up into W, explicitly. The forward then skips the branch."""
-    for m in adapters(model, kind):
-        if not m.merged:
-            m.base.weight += m.delta()
-            m.merged = True
-
-
-@torch.no_grad()
-def unmerge_lora(model, kind):
-    """Subtract what merge_lora added: the round trip gives W back (to float rounding)."""
-    for m in adapters(model, kind):
-        if m.merged:
-            m.base.weight -= m.delta()
-            m.merged = False
 
 
 def _parent(model, name):

@@ -57,13 +57,11 @@ def groups(channels):
 
 class Attention(nn.Module):
     """Multi-head attention with separate Q, K, V projections (so adapters can wrap each one), in
-    heads of `head_dim` channels (1 head at 32 channels, 2 at 64). Four heads of 8 channels cost 3x
-    more here: attention over 8 frames is per-head overhead, not FLOPs (NOTES.md, Performance).
+    heads of `head_dim` channels: over 8 frames, small heads cost overhead, not FLOPs (NOTES.md).
 
     x is (N, T, C); context is (M, S, D), with M dividing N. The N // M consecutive sequences of x
     that share one context (the frames of a video, or its pixels) are attended as one sequence of
-    N // M * T queries: each query attends on its own, so this is the same, without copying K and
-    V N // M times."""
+    queries: the same result, without copying K and V N // M times."""
 
     def __init__(self, dim, context_dim=None, head_dim=32):
         super().__init__()
@@ -221,7 +219,7 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """The denoising UNet (it predicts eps or v: train.Diffusion). It is M (images) until `inflate`
+    """The denoising UNet (it predicts v: train.Diffusion). It is M (images) until `inflate`
     gives it temporal modules (V)."""
 
     def __init__(self, vocab, size, max_words, ch=32, mults=(1, 2), text_dim=64, max_frames=16):
@@ -283,7 +281,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t, tokens):
         """x: (B, 3, H, W) or (B, 3, F, H, W); t: (B,) timesteps; tokens: (B, L). Returns the
-        prediction (eps or v), shaped as x."""
+        prediction (v: train.Diffusion), shaped as x."""
         image = x.dim() == 4
         if image:
             x = x[:, :, None]
