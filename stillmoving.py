@@ -431,7 +431,7 @@ def concept_claims(rows, m1_image, c):
         "C5": (
             f"prior preservation keeps V's prior ({c}): on ordinary prompts, Still-Moving's "
             "prompt fidelity is above no_prior_preservation's",
-            excess(sm_ordinary, no_prior, "prompt_fidelity", "Still-Moving's minus no prior's"),
+            excess(sm_ordinary, no_prior, "prompt_fidelity", "prompt fidelity: SM minus no prior"),
         ),
         "C7": (
             f"limitation ({c}): Still-Moving is no more faithful than M1's own images "
@@ -449,7 +449,7 @@ def check_claims(rows, params, m1_images):
     """The paper's claims (PAPER.md), each judged by the verdict rule above."""
     base = find(rows, "base_t2v")
     static = share_of_v(find(rows, "motion_scale", alpha=1.0), base, "motion", most=0.25)
-    more = excess(find(rows, "motion_scale", alpha=-1.0), base, "motion", "alpha = -1 minus V")
+    more = excess(find(rows, "motion_scale", alpha=-1.0), base, "motion", "travel at -1 minus V's")
     share = max(params[k] / params["unet"] for k in ("motion_adapter", "spatial_adapter"))
     light = HOLDS if share <= 0.05 else FAILS
     claims = [
