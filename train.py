@@ -125,7 +125,9 @@ class Config:
     lr: float = 1e-3  # base models
     t2i_steps: int = 1500
     t2v_steps: int = 1500
-    style_ground: float = 0.85  # the grey of the custom style's ground (every other clip: black)
+    # the grey of the custom style's ground (every other clip: black): the farthest from black at
+    # which the motion adapter still stills the customized model (NOTES.md, the style's shift)
+    style_ground: float = 0.4
     custom_batch: int = 64  # images per customization step: half stills, half prior images
     custom_steps: int = 600  # the subject's M1: one object to learn
     style_steps: int = 1000  # the style's M1: twelve contents on a new ground (NOTES.md)
