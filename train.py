@@ -125,8 +125,9 @@ class Config:
     lr: float = 1e-3  # base models
     t2i_steps: int = 1500
     t2v_steps: int = 1500
-    # the grey of the custom style's ground (every other clip: black): the farthest from black at
-    # which the motion adapter still stills the customized model (NOTES.md, the style's shift)
+    # the grey of the custom style's ground (every other clip: black): the lightest at which the
+    # motion adapter's switch was not refuted on the customized model and naive injection still
+    # broke the style (NOTES.md, the style's shift)
     style_ground: float = 0.4
     custom_batch: int = 64  # images per customization step: half stills, half prior images
     custom_steps: int = 600  # the subject's M1: one object to learn
