@@ -4,7 +4,8 @@ paper starts from: M, V and M1.
 - `Config` and `PRESETS`: the one config mechanism (a dataclass per preset; `--set` overrides it).
 - `Diffusion`: the noise schedule, the loss (Ho et al. 2020, Algorithm 1) and one sampler, DDIM
   (Song et al. 2021, Eq. 12): with eta = 1 and all T steps, DDPM's ancestral sampler (Alg. 2).
-- `Run`: a run folder, a file per finished stage (`STAGES`), reused until a field it reads changes.
+- `Run`: a run folder, a file per finished stage (`STAGES`), reused until a field it reads changes;
+  `make_stages` makes the stages that do not depend on each other side by side, in worker processes.
 - `train_loop`: the single loop every stage uses (progress bar, EMA, NaN guard, resumable).
 - `base_models`: M, V (M inflated; only its temporal layers trained, as AnimateDiff does) and M1.
 - `bench`: where a training step of V stands against this machine's matmul peak.
