@@ -464,8 +464,8 @@ class Run:
 
 
 def worker_pool(workers):
-    """`workers` processes that share this process's threads (2 cores: two workers of one thread,
-    which together do about 1.26x the work of one process on both; NOTES.md); None for one."""
+    """`workers` processes that share this process's threads (on 2 cores, two workers of one thread
+    together train about 1.3x as fast as one process on both; NOTES.md); None for one."""
     if workers <= 1:
         return contextlib.nullcontext()
     threads = max(1, torch.get_num_threads() // workers)
