@@ -19,7 +19,6 @@ of data.py, the paper's claims judged on it, the figures, and the command line:
 
 import argparse
 import copy
-import functools
 import json
 import math
 import os
@@ -43,17 +42,12 @@ from train import (
     Run,
     TrainingError,
     base_models,
-    customize,
     generate,
-    make_stages,
     override,
     pick_device,
     save_text,
     saved_config,
-    text_to_image_model,
     train_loop,
-    video_model,
-    worker_pool,
 )
 from unet3d import t2i_state_dict
 
@@ -198,37 +192,6 @@ def ablations(run, parts):
     return parts
 
 
-def all_stages():
-    """Every stage's name, the longest first where several could start together."""
-    stages = ["t2i", "t2v", "custom_style", "custom_subject", "motion_adapter"]
-    for concept in ("style", "subject"):
-        stages.append(f"m1_images_{concept}")
-        stages += [f"spatial_{concept}_{variant}" for variant in VARIANTS]
-    return stages
-
-
-def make_stage(run, stage):
-    """Make one stage from the files of the stages below it (train.stage_inputs), as the recipe
-    and the ablations make it: the work of one worker of train.make_stages."""
-    m = text_to_image_model(run)
-    if stage == "t2i":
-        return
-    if stage in ("t2v", "motion_adapter"):
-        v = video_model(run, m)
-        if stage == "motion_adapter":
-            run.stage(stage, partial(train_motion_adapter, run, v))
-        return
-    concept = "subject" if "subject" in stage else "style"
-    m1 = customize(run, m, concept)
-    if stage.startswith("m1_images_"):
-        run.stage(stage, partial(m1_images, run, m1, concept))
-    elif stage.startswith("spatial_"):
-        inputs = (run, video_model(run, m), m1, run.stage("motion_adapter", None))
-        inputs += (run.stage(f"m1_images_{concept}", None), concept)
-        variant = stage.removeprefix(f"spatial_{concept}_")
-        run.stage(stage, partial(train_spatial_adapters, *inputs, variant))
-
-
 def build(parts, method, concept=None, alpha=0.0):
     """The video model a row of the results samples from: V, naive injection, or Still-Moving and
     its ablations at test time; with the motion adapter at scale alpha when alpha != 0."""
@@ -257,69 +220,35 @@ def eval_clips(cfg, concept):
     return [replace(clip, direction=directions[i % 4]) for i, clip in enumerate(clips)]
 
 
-SAME_AS_V = ("still_moving", "no_prior_preservation")  # also sampled on the ordinary prompts
-
-
-def sampled_rows():
-    """The rows the evaluation samples, as (method, concept, alpha, prompts)."""
-    rows = [("motion_scale", None, alpha, "ordinary") for alpha in ALPHAS]
-    for concept in CONCEPTS:
-        rows += [(method, concept, None, "concept") for method in ("naive_injection", *VARIANTS)]
-        rows += [(method, concept, None, "ordinary") for method in SAME_AS_V]
-        rows.append(("naive_injection", concept, 1.0, "concept"))  # the switch on the customized V
-    return rows
-
-
-def sample_row(run, parts, method, concept, alpha, prompts):
-    """One row's videos: every row samples the same seeds, so video i starts from the same noise
-    and moves the same way in every row."""
-    clips = eval_clips(run.cfg, concept if prompts == "concept" else None)
-    model = build(parts, method, concept, alpha or 0.0)
-    seed = run.cfg.seed + 1000
-    return generate(model, run.diffusion, [c.prompt() for c in clips], run.cfg, seed)
-
-
-@functools.cache
-def finished_parts(cfg, out, device):
-    """A worker's copy of a finished run's parts, read from disk once."""
-    run = Run(cfg, out, torch.device(device), make=False)
-    return run, ablations(run, recipe(run))
-
-
-def _sample_in_worker(cfg, out, device, row):
-    return sample_row(*finished_parts(cfg, out, device), *row)
-
-
-def evaluate(run, parts, workers=1):
-    """Sample every row (side by side with workers > 1) and measure it against the ground truth.
+def evaluate(run, parts):
+    """Sample every row with the same prompts and seeds, and measure it against the ground truth.
     Returns (rows, the videos the figures show)."""
     cfg, seed = run.cfg, run.cfg.seed + 1000
-    with worker_pool(workers) as pool:
-        if pool is None:
-            videos = [sample_row(run, parts, *row) for row in sampled_rows()]
-        else:
-            job = partial(_sample_in_worker, cfg, run.dir, run.device.type)
-            videos = list(pool.map(job, sampled_rows()))
-    videos = dict(zip(sampled_rows(), videos))
+
+    def sample(model, clips):
+        return generate(model, run.diffusion, [c.prompt() for c in clips], cfg, seed)
+
     rows, shown = [], {}
     ordinary = eval_clips(cfg, None)
     for alpha in ALPHAS:
-        shown["alpha", alpha] = videos["motion_scale", None, alpha, "ordinary"]
+        videos = sample(build(parts, "motion_scale", alpha=alpha), ordinary)
         if alpha == 0:  # alpha = 0 is exactly V (tested): this row is also V's own
-            rows.append(data.measure("base_t2v", None, None, shown["alpha", alpha], ordinary))
-        rows.append(data.measure("motion_scale", None, alpha, shown["alpha", alpha], ordinary))
+            rows.append(data.measure("base_t2v", None, None, videos, ordinary))
+        rows.append(data.measure("motion_scale", None, alpha, videos, ordinary))
+        shown["alpha", alpha] = videos
     for concept in CONCEPTS:
         clips = eval_clips(cfg, concept)
         real = [data.render_video(c, cfg.size, cfg.frames, [seed, i]) for i, c in enumerate(clips)]
         shown["real", concept] = real = data.to_model(np.stack(real))
         rows.append(data.measure("real", concept, None, real, clips))
         for method in ("naive_injection", *VARIANTS):
-            shown[method, concept] = videos[method, concept, None, "concept"]
+            model = build(parts, method, concept)
+            shown[method, concept] = sample(model, clips)
             rows.append(data.measure(method, concept, None, shown[method, concept], clips))
-            if method in SAME_AS_V:
-                same = videos[method, concept, None, "ordinary"]
-                rows.append(data.measure(method, concept, None, same, ordinary))
-        shown["switch", concept] = videos["naive_injection", concept, 1.0, "concept"]
+            if method in ("still_moving", "no_prior_preservation"):  # does it still do what V does?
+                rows.append(data.measure(method, concept, None, sample(model, ordinary), ordinary))
+        # the switch on the customized model: does alpha = 1 still V with M1 injected?
+        shown["switch", concept] = sample(build(parts, "naive_injection", concept, 1.0), clips)
         rows.append(data.measure("naive_injection", concept, 1.0, shown["switch", concept], clips))
     return rows, shown
 
@@ -732,16 +661,14 @@ def write_figures(run, shown, rows, per_concept=2):
 # --------------------------------------------------------------------------------------------- main
 
 
-def main(cfg, out, device, workers=1):
+def main(cfg, out, device):
     start = time.time()
     run = Run(cfg, out, device)
     save_text(os.path.join(out, "config.json"), json.dumps(asdict(cfg), indent=1))
-    where = f"device {device}, {workers} worker{'s' * (workers > 1)}"
-    print(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, {where}")
-    make_stages(run, all_stages(), make_stage, workers)  # independent stages side by side
-    parts = ablations(run, recipe(run))  # the recipe in the paper's order, from the stages' files
+    print(f"stillmoving: preset {cfg.preset}, {cfg.size}px x {cfg.frames} frames, device {device}")
+    parts = ablations(run, recipe(run))
     eval_start = time.time()
-    rows, shown = evaluate(run, parts, workers)
+    rows, shown = evaluate(run, parts)
     write_figures(run, shown, rows)
     run.seconds["evaluate"] = round(time.time() - eval_start, 2)
     seconds = run.seconds["evaluate"]
@@ -757,12 +684,11 @@ def main(cfg, out, device, workers=1):
         "preset": cfg.preset,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "workers": workers,
         "seed": cfg.seed,
         "resolution": cfg.size,
         "frames": cfg.frames,
         "stage_seconds": run.seconds,
-        "total_seconds": round(time.time() - start, 2),  # stages side by side: less than their sum
+        "total_seconds": round(sum(run.seconds.values()), 2),
         "params": params,
         "m1_images": m1_images,
         "rows": rows,
@@ -772,8 +698,8 @@ def main(cfg, out, device, workers=1):
     save_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     save_text(os.path.join(out, "results.md"), table)
     print(table)
-    figures = f"{out}/figure.png (and .gif), motion_scale.png, results.md"
-    print(f"done in {time.time() - start:.0f} s: see {figures}")
+    seconds = f"{time.time() - start:.0f}s ({results['total_seconds']:.0f}s of stages)"
+    print(f"done in {seconds}: see {out}/figure.png (and .gif), motion_scale.png, results.md")
     return results
 
 
@@ -830,13 +756,6 @@ def parse(argv):
     )
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes for the stages that can run side by side, one thread each when more "
-        "than 1: about 1.15x faster on 2 cores, but the rounding differs (NOTES.md)",
-    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="delete the run folder's checkpoints first")
     p.add_argument(
@@ -867,9 +786,7 @@ def cli(argv):
         out = args.out or os.path.join("runs", cfg.preset)
         if args.fresh and os.path.isdir(out):
             shutil.rmtree(out)
-        if args.workers < 1:
-            raise ValueError(f"--workers {args.workers}: at least 1")
-        main(cfg, out, device, args.workers)
+        main(cfg, out, device)
     except (ValueError, CheckpointError, TrainingError) as e:  # ConfigMismatch: a ValueError
         sys.exit(f"error: {e}")
 

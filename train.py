@@ -4,8 +4,7 @@ paper starts from: M, V and M1.
 - `Config` and `PRESETS`: the one config mechanism (a dataclass per preset; `--set` overrides it).
 - `Diffusion`: the noise schedule, the loss (Ho et al. 2020, Algorithm 1) and one sampler, DDIM
   (Song et al. 2021, Eq. 12): with eta = 1 and all T steps, DDPM's ancestral sampler (Alg. 2).
-- `Run`: a run folder, a file per finished stage (`STAGES`), reused until a field it reads changes;
-  `make_stages` makes the stages that do not depend on each other side by side, in worker processes.
+- `Run`: a run folder, a file per finished stage (`STAGES`), reused until a field it reads changes.
 - `train_loop`: the single loop every stage uses (progress bar, EMA, NaN guard, resumable).
 - `base_models`: M, V (M inflated; only its temporal layers trained, as AnimateDiff does) and M1.
 - `bench`: where a training step of V stands against this machine's matmul peak.
@@ -13,18 +12,14 @@ paper starts from: M, V and M1.
     python train.py bench [--preset small] [--device auto|cpu|cuda]
 """
 
-import contextlib
 import copy
 import json
-import multiprocessing
 import os
 import pickle
 import resource
-import threading
 import time
 import zipfile
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -56,14 +51,10 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-BARS = True  # False in a worker process (`worker_pool`)
-
-
 def bar(iterable, **kwargs):
     """A tqdm progress bar on a terminal; nothing when the output goes to a file (disable=None),
     where the stages' one-line reports are the log."""
-    disable = None if BARS else True
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+    return tqdm(iterable, disable=None, dynamic_ncols=True, leave=False, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -390,9 +381,8 @@ class Run:
     and the diffusion every stage shares.
 
     Each stage's file is signed with the config fields it was made from (`stage_inputs`). A stage
-    on disk is reused when its signature matches, and made again when a field it reads changed.
-    `make` says what this Run may make: True, any stage; False (sampling), none; a stage's name
-    (a worker of `make_stages`), that stage only. A stage it may not make and lacks is an error."""
+    on disk is reused when its signature matches, and made again when a field it reads changed;
+    a Run with make=False (sampling) never trains, and a stage it lacks is an error."""
 
     def __init__(self, cfg, out, device, make=True):
         self.cfg, self.dir, self.device, self.make = cfg, out, device, make
@@ -435,12 +425,11 @@ class Run:
         path = self.path(name)
         state, changed = self.saved(name, path)
         if state is not None:
-            if self.make is True and name not in self.seconds:  # not made by its workers
-                tqdm.write(f"[{name}] reused {path}")
             self.seconds[name] = state["seconds"]
+            tqdm.write(f"[{name}] reused {path}")
             return state["state"]
         why = f"made with {', '.join(changed[:4])}" if changed else "not made yet"
-        if self.make is not True and self.make != name:
+        if not self.make:
             raise ConfigMismatch(
                 f"stage {name!r} of {self.dir} is {why}; with this config, finish the run with "
                 f"`python stillmoving.py --preset {self.cfg.preset} --out {self.dir}`"
@@ -458,70 +447,6 @@ class Run:
             os.remove(self.path(f"{name}.partial"))
         tqdm.write(f"[{name}] made in {self.seconds[name]:.0f} s: {path}")
         return state
-
-
-# ---------------------------------------------------------------------------- stages side by side
-
-
-def worker_pool(workers):
-    """`workers` processes that share this process's threads (on 2 cores, two workers of one thread
-    together train about 1.3x as fast as one process on both; NOTES.md); None for one."""
-    if workers <= 1:
-        return contextlib.nullcontext()
-    threads = max(1, torch.get_num_threads() // workers)
-    spawn = multiprocessing.get_context("spawn")  # fork would copy this process's thread pools
-    return ProcessPoolExecutor(workers, spawn, initializer=_start_worker, initargs=(threads,))
-
-
-def _start_worker(threads):
-    global BARS
-    BARS = False  # the workers' bars would overwrite each other; their stage lines are the log
-    torch.set_num_threads(threads)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_with(parent):
-    """A worker whose parent was killed exits too, rather than train on for no one."""
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(1)
-
-
-def _make_in_worker(make_stage, cfg, out, device, stage):
-    run = Run(cfg, out, torch.device(device), make=stage)
-    make_stage(run, stage)
-    return run.seconds[stage]
-
-
-def make_stages(run, stages, make_stage, workers=1):
-    """Make each stage of `stages` (names, in order of priority) that is not on disk, each once
-    the stages it is made from are (`stage_inputs`); `make_stage(run, name)` makes one from their
-    files. With workers > 1, the stages made from no other (M) are made here first, on all of this
-    process's threads, and the rest side by side in the workers. A stage's numbers depend on the
-    threads it runs on (floating-point sums split differently), but not on which worker makes it,
-    or when: it reads its inputs from disk, and its randomness depends only on (seed, stage,
-    step). A test pins this."""
-    todo = [stage for stage in stages if run.saved(stage, run.path(stage))[0] is None]
-    progress = bar(None, total=len(todo), desc="stages")
-    first = todo if workers <= 1 else [stage for stage in todo if not stage_inputs(stage)[1]]
-    for stage in first:
-        make_stage(run, stage)
-        progress.update()
-    todo = [stage for stage in todo if stage not in first]
-    running = {}  # future -> stage
-    with worker_pool(workers) as pool:
-        while todo or running:
-            waiting = set(todo) | set(running.values())
-            ready = [s for s in todo if not waiting.intersection(stage_inputs(s)[1])]
-            for stage in ready[: workers - len(running)]:
-                todo.remove(stage)
-                job = (make_stage, run.cfg, run.dir, run.device.type, stage)
-                running[pool.submit(_make_in_worker, *job)] = stage
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run.seconds[running.pop(future)] = future.result()
-                progress.update()
-    progress.close()
 
 
 # -------------------------------------------------------------------------------- one training loop
@@ -597,35 +522,27 @@ def new_unet(cfg):
     return UNet(vocab, cfg.size, data.MAX_WORDS, cfg.ch, cfg.mults, cfg.text_dim, cfg.max_frames)
 
 
-def text_to_image_model(run):
-    """M: every weight trained, on single frames with image captions."""
-    cfg, dev = run.cfg, run.device
+def base_models(run):
+    """M, V and the two M1s, trained or reused. Returns (M, V, {concept: M1}) on run.device."""
+    cfg, dev, diffusion = run.cfg, run.device, run.diffusion
     torch.manual_seed(cfg.seed)
     m = new_unet(cfg).to(dev)
+    v = inflate(m)  # its temporal init comes right after M's, from the same seed
 
-    def train_m():
+    def train_m():  # M: every weight, on single frames with image captions
         def loss(rng, gen):
             images, tokens = data.random_batch(
                 rng, cfg.image_batch, cfg.size, cfg.frames, False, dev
             )
-            return run.diffusion.loss(m, images, tokens, gen)
+            return diffusion.loss(m, images, tokens, gen)
 
         train_loop(run, "t2i", m, list(m.parameters()), loss, cfg.t2i_steps, cfg.lr)
         return m.state_dict()
 
     m.load_state_dict(run.stage("t2i", train_m))
-    return m
+    v.load_state_dict(m.state_dict(), strict=False)  # V's T2I part is M, frozen from here on
 
-
-def video_model(run, m):
-    """V: M inflated (Sec. 3.1), and only its temporal layers trained, on moving videos
-    (AnimateDiff); M is frozen inside it."""
-    cfg, dev = run.cfg, run.device
-    torch.manual_seed(cfg.seed)
-    v = inflate(new_unet(cfg).to(dev))  # its temporal init comes right after M's, from the seed
-    v.load_state_dict(m.state_dict(), strict=False)
-
-    def train_v():
+    def train_v():  # V: only the temporal layers, on moving videos (AnimateDiff)
         v.requires_grad_(False)
         params = [p for name, p in v.named_parameters() if is_temporal(name)]
         for p in params:
@@ -635,19 +552,13 @@ def video_model(run, m):
             videos, tokens = data.random_batch(
                 rng, cfg.video_batch, cfg.size, cfg.frames, True, dev
             )
-            return run.diffusion.loss(v, videos, tokens, gen)
+            return diffusion.loss(v, videos, tokens, gen)
 
         train_loop(run, "t2v", v, params, loss, cfg.t2v_steps, cfg.lr)
         return {k: t for k, t in v.state_dict().items() if is_temporal(k)}
 
     v.load_state_dict(run.stage("t2v", train_v), strict=False)
-    return v.requires_grad_(False)
-
-
-def base_models(run):
-    """M, V and the two M1s, trained or reused. Returns (M, V, {concept: M1}) on run.device."""
-    m = text_to_image_model(run)
-    v = video_model(run, m)
+    v.requires_grad_(False)
     m1s = {concept: customize(run, m, concept) for concept in ("subject", "style")}
     return m, v, m1s
 
