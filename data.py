@@ -44,6 +44,13 @@ STYLE_SEEN = 0.1  # a frame's ground is the style's when its grey is above this:
 FG_THRESHOLD = 0.35  # foreground: some channel differs from the background by more than this
 
 
+# Each set of data a run draws is a random stream of its own, seeded by (cfg.seed, its number): the
+# stills a user brings, M's prior images (DreamBooth), M1's images (the frozen videos' content), the
+# prior videos (Sec. 3.3) and the evaluation's prompts and noise. Resizing one set never moves the
+# draws of another.
+STILLS, PRIOR_IMAGES, M1_IMAGES, PRIOR_VIDEOS, EVALUATION = 7, 11, 12, 40, 1000
+
+
 def tokenize(prompts):
     """Word-level tokenizer: a list of prompts -> (B, MAX_WORDS) token ids, padded with <pad> (0).
 
@@ -263,7 +270,7 @@ def concept_stills(concept, n, size, frames, seed, style_ground=None):
     """The few still images a user brings to customize M (DreamBooth / StyleDrop), fixed by the
     seed. A style is shown on varied content: its stills go through every colour x shape once
     (drawn at random, one seed's twelve missed green, and M1 drew it wrong: NOTES.md, finding 4)."""
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([seed, STILLS])
     clips = [random_clip(rng, concept, style_ground) for _ in range(n)]
     if concept == "style":
         contents = [(kind, color) for kind in SHAPES for color in COLORS]
@@ -271,7 +278,7 @@ def concept_stills(concept, n, size, frames, seed, style_ground=None):
         for i, clip in enumerate(clips):
             kind, color = contents[order[i % len(contents)]]
             clips[i] = replace(clip, kind=kind, color=color)
-    return image_batch(clips, size, frames, seed + 7)
+    return image_batch(clips, size, frames, seed + STILLS)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -345,11 +352,11 @@ def video_metrics(video, clip):
     """The metrics of one generated (3, F, H, W) video in [0, 1] against the clip it was prompted
     with.
 
-    - motion: how far the object travels, in pixels per frame: the net displacement of the
+    - travel: how far the object travels, in pixels per frame: the net displacement of the
       foreground centroid from the first to the last frame where it is found, divided by the frames
       in between.
-    - jitter: the rest of its frame-to-frame movement, which goes nowhere: mean step minus motion.
-      A generated still video wobbles by ~0.2 px a frame here while travelling ~0.05 (NOTES.md).
+    - jitter: the rest of its frame-to-frame movement, which goes nowhere: mean step minus travel.
+      A generated still video jitters by ~0.2 px a frame here while travelling ~0.05 (NOTES.md).
     - direction: 1 if the net displacement points the prompted way (more than 1 px along it, and
       more than across it), else 0.
     - custom_fidelity: share of frames that show the concept; None for ordinary prompts.
@@ -380,7 +387,7 @@ def video_metrics(video, clip):
     ]
     custom = float(np.mean([f["custom"] for f in found])) if clip.concept else None
     return {
-        "motion": travel,
+        "travel": travel,
         "jitter": max(0.0, float(np.mean(steps)) - travel) if steps else 0.0,
         "direction_accuracy": direction,
         "custom_fidelity": custom,

@@ -20,12 +20,13 @@ import torch.nn as nn
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear plus a low-rank residual: x W~ = x W + alpha * (x A_down) A_up (Eq. 1). The base
-    layer is frozen by `mark_only_adapters_trainable`, not here."""
+    """The motion adapter on one projection: an nn.Linear plus a low-rank residual,
+    x W~ = x W + alpha * (x A_down) A_up (Eq. 1). The base layer is frozen by
+    `mark_only_adapters_trainable`, not here."""
 
-    def __init__(self, base, rank, kind):
+    def __init__(self, base, rank):
         super().__init__()
-        self.base, self.kind, self.alpha = base, kind, 1.0
+        self.base, self.alpha = base, 1.0
         device = base.weight.device
         self.A_down = nn.Parameter(torch.randn(base.in_features, rank, device=device) / rank)
         self.A_up = nn.Parameter(torch.zeros(rank, base.out_features, device=device))  # a no-op
@@ -40,8 +41,6 @@ class LoRALinear(nn.Module):
 class SpatialAdapter(nn.Module):
     """Adapter(X) = X (I + A_down @ A_up) (Eq. 2), acting on the channels of a (N, C, H, W) map."""
 
-    kind = "spatial"
-
     def __init__(self, channels, rank, device=None):
         super().__init__()
         self.A_down = nn.Parameter(torch.randn(channels, rank, device=device) / rank)
@@ -55,15 +54,16 @@ class SpatialAdapter(nn.Module):
 # ------------------------------------------------------------------------------- add, scale, remove
 
 MOTION, SPATIAL = "motion", "spatial"
+KINDS = {MOTION: LoRALinear, SPATIAL: SpatialAdapter}  # an adapter's kind is its class
 
 
-def add_lora(model, rank, kind, where):
+def add_lora(model, rank, where):
     """Wrap every nn.Linear whose qualified name satisfies `where(name)` in a LoRALinear."""
     linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     targets = [name for name in linears if where(name)]
     for name in targets:
         parent, child = _parent(model, name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, kind))
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank))
     return len(targets)
 
 
@@ -77,7 +77,7 @@ def is_temporal_qkv(name):
 
 def add_motion_adapter(model, rank):
     """The motion adapter: a LoRA on W_Q, W_K, W_V of every temporal self-attention (Sec. 3.2)."""
-    n = add_lora(model, rank, MOTION, is_temporal_qkv)
+    n = add_lora(model, rank, is_temporal_qkv)
     if n == 0:
         raise ValueError(NOT_INFLATED.format("a motion adapter"))
     return model
@@ -95,17 +95,18 @@ def add_spatial_adapters(model, rank):
 
 
 def adapters(model, kind=None):
-    found = [m for m in model.modules() if isinstance(m, (LoRALinear, SpatialAdapter))]
-    return [m for m in found if kind in (None, m.kind)]
+    """The adapter modules of one kind (MOTION or SPATIAL), or of both."""
+    wanted = tuple(KINDS.values()) if kind is None else KINDS[kind]
+    return [m for m in model.modules() if isinstance(m, wanted)]
 
 
-def set_scale(model, alpha, kind=MOTION):
-    """Set alpha on every adapter of this kind. Negative values are allowed (more motion,
-    Sec. 3.2)."""
+def set_scale(model, alpha):
+    """Set the motion adapter's alpha (the spatial adapters have no scale). Negative values are
+    allowed (more motion, Sec. 3.2)."""
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"the adapter scale must be a finite number, got {alpha}")
-    for m in adapters(model, kind):
+    for m in adapters(model, MOTION):
         m.alpha = alpha
     return model
 
@@ -113,8 +114,9 @@ def set_scale(model, alpha, kind=MOTION):
 def remove_adapters(model, kind=None):
     """Take adapters out, giving back the original module tree (a LoRA -> its base Linear, a
     spatial adapter -> Identity): W is exactly as it was, as alpha never touched it."""
+    chosen = {id(m) for m in adapters(model, kind)}
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (LoRALinear, SpatialAdapter)) and kind in (None, mod.kind):
+        if id(mod) in chosen:
             parent, child = _parent(model, name)
             setattr(parent, child, mod.base if isinstance(mod, LoRALinear) else nn.Identity())
     return model

@@ -5,6 +5,7 @@ the synthetic world and its metrics, the recipe's invariants, and the failure mo
 """
 
 import copy
+import glob
 import json
 import os
 import re
@@ -30,6 +31,20 @@ from unet3d import Attention, UNet, inflate, is_adapter, is_temporal, t2i_state_
 CPU = torch.device("cpu")
 QUICK = PRESETS["quick"]
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store(tmp_path_factory):
+    """Every test's stages go to a store of the test session's own, never the user's cache; the
+    subprocesses the tests start inherit it."""
+    path = str(tmp_path_factory.mktemp("store"))
+    before = os.environ.get("STILLMOVING_STORE")
+    os.environ["STILLMOVING_STORE"] = path
+    yield path
+    if before is None:
+        del os.environ["STILLMOVING_STORE"]
+    else:
+        os.environ["STILLMOVING_STORE"] = before
 
 
 def tiny(size=8, frames=4):
@@ -331,7 +346,7 @@ def test_training_lowers_the_loss(tmp_path):
     cfg = train.Config(
         preset="quick", size=8, ch=8, text_dim=16, frames=4, max_frames=4, ema=0.0, ckpt_every=10**6
     )
-    run = Run(cfg, str(tmp_path), CPU)
+    run = Run(cfg, str(tmp_path), CPU, store=str(tmp_path / "store"))
     m, _ = tiny()
     x, _ = data.image_batch([data.random_clip(np.random.default_rng(i)) for i in range(8)], 8, 4, 0)
     tok = data.tokenize(["a red circle"] * 8)
@@ -343,17 +358,17 @@ def test_training_lowers_the_loss(tmp_path):
         return run.diffusion.loss(m, x, tok, gen)
 
     before = fixed().item()
-    train.train_loop(run, "fit", m, list(m.parameters()), loss, 200, 3e-3)
+    train.train_loop(run, "t2i", m, list(m.parameters()), loss, 200, 3e-3)
     assert fixed().item() < 0.5 * before
 
 
 def test_nan_loss_names_the_stage_and_step(tmp_path):
-    run = Run(train.Config(preset="quick"), str(tmp_path), CPU)
+    run = Run(train.Config(preset="quick"), str(tmp_path), CPU, store=str(tmp_path / "store"))
     m, _ = tiny()
-    with pytest.raises(train.TrainingError, match="'boom'.*step 0"):
+    with pytest.raises(train.TrainingError, match="'t2v'.*step 0"):
         train.train_loop(
             run,
-            "boom",
+            "t2v",
             m,
             list(m.parameters()),
             lambda rng, gen: m.conv_in.weight.sum() * float("nan"),
@@ -374,19 +389,19 @@ def test_renderer_is_deterministic_and_videos_move_at_the_set_speed():
     velocity = (centres[-1] - centres[0]) / 7
     assert np.allclose(velocity, [0, -data.speed(16, 8)], atol=0.03)
     frozen = data.freeze(torch.from_numpy(a)[None], np.random.default_rng(0))[0].numpy()
-    assert data.video_metrics(frozen, clip)["motion"] < 1e-6
+    assert data.video_metrics(frozen, clip)["travel"] < 1e-6
 
 
-def test_motion_is_travel_and_wobble_is_jitter():
-    """An object that wobbles in place does not move; one that glides steadily does not jitter."""
+def test_an_object_that_jitters_in_place_does_not_travel():
+    """An object that jitters in place does not travel; one that glides steadily does not jitter."""
     clip = data.Clip("circle", "red", "right")
     # +-0.6 px, 8 frames
-    wobble = np.stack([data.render(clip, 8 + 0.6 * (-1) ** f, 8, 16) for f in range(8)], axis=1)
+    shaky = np.stack([data.render(clip, 8 + 0.6 * (-1) ** f, 8, 16) for f in range(8)], axis=1)
     glide = np.stack([data.render(clip, 5 + 0.8 * f, 8, 16) for f in range(8)], axis=1)
-    still, moving = data.video_metrics(wobble, clip), data.video_metrics(glide, clip)
+    still, moving = data.video_metrics(shaky, clip), data.video_metrics(glide, clip)
     # steps of 1.2 px that end where they began
-    assert still["motion"] < 0.2 and still["jitter"] > 0.9
-    assert abs(moving["motion"] - 0.8) < 0.05 and moving["jitter"] < 0.05
+    assert still["travel"] < 0.2 and still["jitter"] > 0.9
+    assert abs(moving["travel"] - 0.8) < 0.05 and moving["jitter"] < 0.05
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -484,7 +499,7 @@ def test_metrics_score_real_videos_ideal_and_corrupted_ones_worse(concept):
         and ideal["prompt_fidelity"] == 1
         and ideal["temporal_consistency"] == 1
     )
-    assert ideal["artifacts"] == 0 and abs(ideal["motion"] - data.speed(16, 8)) < 0.1
+    assert ideal["artifacts"] == 0 and abs(ideal["travel"] - data.speed(16, 8)) < 0.1
     assert ideal["custom_fidelity"] == (None if concept is None else 1)
 
     # 10% of pixels get a random colour
@@ -513,23 +528,23 @@ def claim_rows(changes=()):
     """A results table whose answers are known: 32 videos a row, every row healthy and alike (V's
     numbers), except where `changes` gives a row's metric, as (method, concept, metric) -> one
     value for every video, or a list of per-video values."""
-    keys = ("motion", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity")
+    keys = ("travel", "jitter", "direction_accuracy", "custom_fidelity", "prompt_fidelity")
     keys += ("temporal_consistency", "artifacts")
     healthy = dict(zip(keys, (0.8, 0.05, 1.0, 1.0, 1.0, 1.0, 0.0)))
     table = {
-        ("motion_scale", None, 1.0, "ordinary"): {"motion": 0.05},
-        ("motion_scale", None, -1.0, "ordinary"): {"motion": 1.0},
+        ("motion_adapter", None, 1.0, "ordinary"): {"travel": 0.05},
+        ("motion_adapter", None, -1.0, "ordinary"): {"travel": 1.0},
         ("base_t2v", None, None, "ordinary"): {},
     }
     for c in stillmoving.CONCEPTS:
-        table["naive_injection", c, None, "concept"] = {"jitter": 1.5}  # it wobbles
+        table["naive_injection", c, None, "concept"] = {"jitter": 1.5}  # it jitters
         table["naive_injection", c, 1.0, "concept"] = {
-            "motion": 0.05,
+            "travel": 0.05,
             "jitter": 0.1,
         }  # switched off
         table["still_moving", c, None, "concept"] = {}
         table["still_moving", c, None, "ordinary"] = {}
-        table["no_motion_adapter", c, None, "concept"] = {"motion": 0.2}  # it froze
+        table["no_motion_adapter", c, None, "concept"] = {"travel": 0.2}  # it froze
         table["no_prior_preservation", c, None, "ordinary"] = {"prompt_fidelity": 0.5}
     for (method, concept, *alpha, key), value in dict(changes).items():
         for (*head, prompts), changed in table.items():
@@ -562,7 +577,7 @@ def test_every_claim_of_a_table_whose_answers_are_known_holds():
 def test_a_bar_holds_far_inside_fails_far_outside_and_straddled_is_inconclusive():
     """C4b: the ablation's travel at most 50% of V's. 25% HOLDS, 100% FAILS; videos that travel
     0 or 0.8 at random around a mean of 0.4 (50%) cannot tell, whatever the verdict wanted."""
-    key = ("no_motion_adapter", "style", "motion")
+    key = ("no_motion_adapter", "style", "travel")
     assert verdicts({key: 0.2})["C4b_style"] == "HOLDS"
     assert verdicts({key: 0.8})["C4b_style"] == "FAILS"
     half = np.random.default_rng(0).permutation([0.0, 0.8] * 16)
@@ -588,7 +603,7 @@ def test_the_switch_on_the_customized_model_needs_both_stillness_and_calm():
     """C1b: at alpha = 1 the injected model travels at most 25% of V's and jitters at most 0.5
     px/frame. Either missed over its whole interval FAILS; both met HOLDS; a jitter straddling
     0.5 leaves it open."""
-    leak = verdicts({("naive_injection", "style", 1.0, "motion"): 0.8})
+    leak = verdicts({("naive_injection", "style", 1.0, "travel"): 0.8})
     assert leak["C1b_style"] == "FAILS" and leak["C1b_subject"] == "HOLDS"
     assert verdicts({("naive_injection", "style", 1.0, "jitter"): 4.5})["C1b_style"] == "FAILS"
     shaky = np.random.default_rng(0).permutation([0.0, 1.0] * 16)  # 0.5 px/frame on average
@@ -602,14 +617,14 @@ def test_pairing_narrows_the_interval_of_a_difference_between_rows_that_share_th
     rng = np.random.default_rng(0)
     shared = rng.normal(0, 0.5, 32)  # what the seed of video i does to both rows
     a, b = shared + 0.1 + rng.normal(0, 0.02, 32), shared
-    _, low, high = stillmoving.interval(stillmoving.difference, a, b, paired=True)
-    _, low_apart, high_apart = stillmoving.interval(stillmoving.difference, a, b, paired=False)
+    _, low, high = stillmoving.interval(a, b, stillmoving.difference, paired=True)
+    _, low_apart, high_apart = stillmoving.interval(a, b, stillmoving.difference, paired=False)
     assert low > 0 and low_apart < 0 < high_apart
     assert high - low < 0.2 * (high_apart - low_apart)
 
 
 def test_the_same_seed_gives_the_same_verdicts_and_intervals():
-    noisy = {("still_moving", "style", "motion"): np.random.default_rng(1).uniform(0, 1.6, 32)}
+    noisy = {("still_moving", "style", "travel"): np.random.default_rng(1).uniform(0, 1.6, 32)}
     first, again = (stillmoving.check_claims(*claim_rows(noisy)) for _ in range(2))
     assert first == again
 
@@ -636,6 +651,8 @@ def test_test_time_still_moving_has_spatial_adapters_and_no_motion_adapter(quick
             assert torch.equal(model(x, t, tok), parts["models"][concept](x, t, tok))
         naive = stillmoving.build(parts, "naive_injection", concept, alpha=1.0)
         assert lora.adapters(naive, MOTION) and not lora.adapters(naive, SPATIAL)
+    with pytest.raises(ValueError, match="unknown method 'still_movin'"):
+        stillmoving.build(parts, "still_movin", "style")
 
 
 def test_stage_reuse_and_a_changed_field_remakes_the_stage(tmp_path):
@@ -645,24 +662,29 @@ def test_stage_reuse_and_a_changed_field_remakes_the_stage(tmp_path):
         calls.append(1)
         return {"w": torch.ones(2)}
 
-    assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("t2i", make)["w"], torch.ones(2))
-    assert torch.equal(Run(QUICK, str(tmp_path), CPU).stage("t2i", make)["w"], torch.ones(2))
-    assert len(calls) == 1  # reused
+    store = str(tmp_path / "store")
+    first = Run(QUICK, str(tmp_path / "a"), CPU, store=store).stage("t2i", make)
+    elsewhere = Run(QUICK, str(tmp_path / "b"), CPU, store=store).stage("t2i", make)
+    assert torch.equal(first["w"], torch.ones(2)) and torch.equal(elsewhere["w"], torch.ones(2))
+    assert len(calls) == 1  # reused, whatever folder the run writes to
     wider_config = train.Config(**{**QUICK.__dict__, "ch": 24})
     with pytest.raises(train.ConfigMismatch, match="ch=16 .now 24."):
-        Run(wider_config, str(tmp_path), CPU, make=False).stage("t2i", make)  # sampling refuses it
-    assert len(calls) == 1
-    wider = Run(wider_config, str(tmp_path), CPU)
+        Run(wider_config, str(tmp_path / "c"), CPU, make=False, store=store).stage("t2i", make)
+    assert len(calls) == 1  # sampling never trains
+    wider = Run(wider_config, str(tmp_path / "c"), CPU, store=store)
     wider.stage("t2i", make)
-    assert len(calls) == 2  # a recipe re-makes it
+    assert len(calls) == 2  # a recipe makes it, beside the first
+    assert len(glob.glob(os.path.join(store, "t2i", "*.pt"))) == 2
+    Run(QUICK, str(tmp_path / "a"), CPU, store=store, fresh=True).stage("t2i", make)
+    assert len(calls) == 3  # --fresh makes this config's stage again
     with pytest.raises(ValueError, match="unknown stage 'demo'"):
         wider.stage("demo", make)
 
 
 def remade(folder, **changes):
     """The stages whose signature a config change alters: those a re-run makes again."""
-    before = Run(QUICK, str(folder), CPU)
-    after = Run(train.Config(**{**QUICK.__dict__, **changes}), str(folder), CPU)
+    before = Run(QUICK, str(folder), CPU, store=str(folder))
+    after = Run(train.Config(**{**QUICK.__dict__, **changes}), str(folder), CPU, store=str(folder))
     stages = [*train.STAGES]
     for concept in stillmoving.CONCEPTS:
         stages += [f"spatial_{concept}_{variant}" for variant in stillmoving.VARIANTS]
@@ -680,30 +702,48 @@ def test_a_changed_field_remakes_exactly_the_stages_that_read_it(tmp_path):
     assert remade(tmp_path, image_batch=4) == set(train.STAGES) | spatial  # M is below everything
     m1_stages = set(train.STAGES) - {"t2i", "t2v", "motion_adapter"}
     assert remade(tmp_path, custom_batch=4) == m1_stages | spatial  # M and V kept
+    assert remade(tmp_path, n_prior_images=2) == m1_stages | spatial
+    assert remade(tmp_path, n_m1_images=2) == {"m1_images_subject", "m1_images_style"} | spatial
     assert remade(tmp_path, sample_steps=5) == m1_stages | spatial  # M1 learns from M's samples
     assert remade(tmp_path, eval_videos=8, ckpt_every=3, preset="other") == set()
 
 
-def test_an_adapter_experiment_reuses_m_v_and_m1(quick_run, tmp_path):
-    """`--set spatial_rank=4` on a finished run folder re-makes only the spatial adapters."""
-    run = quick_run[0]
-    shutil.copytree(run.dir, tmp_path / "run")
-    ckpt = tmp_path / "run" / "ckpt"
-    before = {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)}
-    results = stillmoving.main(
-        train.Config(**{**QUICK.__dict__, "spatial_rank": 2}), str(tmp_path / "run"), CPU
-    )
-    changed = {name[:-3] for name in before if (ckpt / name).read_bytes() != before[name]}
-    assert changed == {
-        f"spatial_{c}_{v}" for c in ("subject", "style") for v in stillmoving.VARIANTS
-    }
-    assert results["params"]["spatial_adapter"] < quick_run[1]["params"]["spatial_adapter"]
-    assert json.load(open(tmp_path / "run" / "config.json"))["spatial_rank"] == 2
+def snapshot(*folders):
+    """Every file under the folders, with its bytes."""
+    found = {}
+    for folder in folders:
+        for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                found[path] = open(path, "rb").read()
+    return found
+
+
+def test_other_runs_reuse_m_v_and_m1_and_leave_every_earlier_stage_and_result_untouched(
+    quick_run, store, tmp_path
+):
+    """`--set spatial_rank=2` makes only the spatial adapters, from the earlier run's M, V and M1
+    (no copy); it and `--seed 1` change no file the earlier run made, and a run of another config
+    into the earlier run's folder is refused."""
+    run, results, _ = quick_run
+    before = snapshot(run.dir, store)
+    narrow = train.Config(**{**QUICK.__dict__, "spatial_rank": 2})
+    found = stillmoving.main(narrow, str(tmp_path / stillmoving.run_name(narrow)), CPU)
+    made = {stage for stage, how in found["stages"].items() if not how["reused"]}
+    assert made == {f"spatial_{c}_{v}" for c in ("subject", "style") for v in stillmoving.VARIANTS}
+    assert found["stages"]["t2i"]["file"] == results["stages"]["t2i"]["file"]
+    assert found["params"]["spatial_adapter"] < results["params"]["spatial_adapter"]
+    seed_1 = train.Config(**{**QUICK.__dict__, "seed": 1})
+    assert stillmoving.run_name(seed_1) == "quick-seed1"
+    stillmoving.main(seed_1, str(tmp_path / stillmoving.run_name(seed_1)), CPU)
+    after = snapshot(run.dir, store)
+    assert all(after[path] == content for path, content in before.items())
+    with pytest.raises(train.ConfigMismatch, match="holds a run of another config .seed=0"):
+        stillmoving.main(seed_1, run.dir, CPU)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("quick"))
+    out = str(tmp_path_factory.mktemp("quick") / "run")
     results = stillmoving.main(QUICK, out, CPU)
     run = Run(QUICK, out, CPU)
     return run, results, stillmoving.recipe(run)
@@ -713,9 +753,9 @@ def test_quick_run_writes_every_output(quick_run):
     run, results, _ = quick_run
     for name, frames in (
         ("figure.gif", QUICK.frames),
-        ("motion_scale.gif", QUICK.frames),
+        ("alpha_dial.gif", QUICK.frames),
         ("figure.png", 1),
-        ("motion_scale.png", 1),
+        ("alpha_dial.png", 1),
     ):
         with Image.open(os.path.join(run.dir, name)) as im:
             assert getattr(im, "n_frames", 1) == frames
@@ -730,7 +770,7 @@ def test_quick_run_writes_every_output(quick_run):
         "seed",
         "resolution",
         "frames",
-        "stage_seconds",
+        "stages",
         "total_seconds",
         "params",
         "m1_images",
@@ -749,7 +789,7 @@ def test_quick_run_writes_every_output(quick_run):
             "no_prior_preservation",
         )
     )
-    assert {a for m, _, a in methods if m == "motion_scale"} == {1.0, 0.5, 0.0, -0.5, -1.0}
+    assert {a for m, _, a in methods if m == "motion_adapter"} == {1.0, 0.5, 0.0, -0.5, -1.0}
     assert all(r["n_videos"] == QUICK.eval_videos for r in saved["rows"])
     assert {c["id"][:2] for c in saved["claims"]} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}
     table = open(os.path.join(run.dir, "results.md")).read()
@@ -759,14 +799,11 @@ def test_quick_run_writes_every_output(quick_run):
     assert f"Claims: {counts}." in table
     assert all(f"| {c['id']}: {c['text']} | {c['verdict']} |" in table for c in saved["claims"])
     assert all(len(r["videos"]) == r["n_videos"] for r in saved["rows"])
-    sizes = {
-        f: os.path.getsize(os.path.join(run.dir, "ckpt", f))
-        for f in os.listdir(os.path.join(run.dir, "ckpt"))
-    }
-    assert (
-        sizes["motion_adapter.pt"] < sizes["t2v.pt"] / 5
-        and sizes["spatial_subject_still_moving.pt"] < sizes["t2v.pt"] / 5
-    )
+    sizes = {stage: os.path.getsize(made["file"]) for stage, made in saved["stages"].items()}
+    assert sizes["motion_adapter"] < sizes["t2v"] / 5  # adapters are small files of their own
+    assert sizes["spatial_subject_still_moving"] < sizes["t2v"] / 5
+    assert set(saved["stages"]["t2v"]) == {"file", "seconds", "threads", "device", "reused"}
+    assert not os.path.exists(os.path.join(run.dir, "ckpt"))  # stages live in the store
 
 
 def trained_model(monkeypatch, train, *inputs):
@@ -801,14 +838,14 @@ def test_spatial_training_changes_only_the_spatial_adapters(quick_run, monkeypat
     run, _, parts = quick_run
     run = Run(run.cfg, run.dir + "_spatial", CPU)
     v, m1 = parts["v"], parts["m1s"]["subject"]
-    inputs_ = (run, v, m1, parts["motion"], parts["generated"]["subject"], "subject")
+    inputs_ = (run, v, m1, parts["motion_adapter"], parts["generated"]["subject"], "subject")
     model, kept = trained_model(monkeypatch, stillmoving.train_spatial_adapters, *inputs_)
     assert kept.keys() == lora.adapter_state_dict(model, SPATIAL).keys()
     expected = stillmoving.inject(v, m1).state_dict()
     for k, t in model.state_dict().items():
         if is_adapter(k) and ".adapter." in k:
             continue
-        ref = parts["motion"][k] if is_adapter(k) else expected[k.replace(".base.", ".")]
+        ref = parts["motion_adapter"][k] if is_adapter(k) else expected[k.replace(".base.", ".")]
         # V's temporal weights, M1's injected weights, the motion adapter
         assert torch.equal(t, ref), k
     assert all(m.A_up.abs().max() > 0 for m in lora.adapters(model, SPATIAL))
@@ -823,6 +860,81 @@ def test_customized_t2i_differs_from_m_while_v_temporal_is_unchanged(quick_run):
     assert all(
         torch.equal(t, v.state_dict()[k]) for k, t in naive.state_dict().items() if is_temporal(k)
     )
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+def stored(store, stage):
+    return glob.glob(os.path.join(store, stage, "*[0-9a-f].pt"))  # finished stages, no partials
+
+
+def test_a_sweep_makes_only_the_stages_that_differ_writes_its_table_and_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    """spatial_steps over 5 and 8 on seeds 0 and 1: M, V, M1 and the motion adapter once per seed,
+    the spatial adapters once per run. Killed after two runs, it finishes the other two only."""
+    store, out = str(tmp_path / "store"), str(tmp_path / "runs" / "sweep")
+    monkeypatch.setenv("STILLMOVING_STORE", store)
+    real_main, calls = stillmoving.main, []
+
+    def killed_after_two(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it
+        return real_main(*args, **kwargs)
+
+    monkeypatch.setattr(stillmoving, "main", killed_after_two)
+    sweep = ["sweep", "--preset", "quick", "--set", "spatial_steps=5,8", "--seeds", "0,1"]
+    with pytest.raises(KeyboardInterrupt):
+        stillmoving.cli(sweep + ["--out", out, "--workers", "1"])
+    monkeypatch.setattr(stillmoving, "main", real_main)
+    before = snapshot(store, *calls[:2])
+    stillmoving.cli(sweep + ["--out", out, "--workers", "1"])
+    assert "4 runs, 2 finished before" in capsys.readouterr().out
+    after = snapshot(store, *calls[:2])
+    assert all(after[path] == content for path, content in before.items())
+    for stage in train.STAGES:
+        assert len(stored(store, stage)) == 2, stage  # one per seed
+    for concept in stillmoving.CONCEPTS:
+        for variant in stillmoving.VARIANTS:
+            assert len(stored(store, f"spatial_{concept}_{variant}")) == 4  # one per run
+    table = open(os.path.join(out, "sweep.md")).read()
+    assert "| 5 | 2 |" in table and "| 8 | 2 |" in table  # each value's counts over its 2 seeds
+    assert "| 8 | 1 | C4b_style |" in table
+    folders = sorted(os.listdir(tmp_path / "runs"))
+    assert folders == ["quick-seed0", "quick-seed0-spatial_steps=8", "quick-seed1"] + [
+        "quick-seed1-spatial_steps=8",
+        "sweep",
+    ]
+    with Image.open(os.path.join(out, "sweep.png")) as im:
+        assert im.width <= 2000 and im.height <= 2000
+
+
+def test_runs_side_by_side_that_share_m_make_it_once(tmp_path, monkeypatch):
+    """Two worker processes start two runs of one seed at once: one makes each shared stage while
+    the other waits for it, then reuses it."""
+    store = str(tmp_path / "store")
+    monkeypatch.setenv("STILLMOVING_STORE", store)
+    out = tmp_path / "runs" / "sweep"
+    stillmoving.sweep(QUICK, ["spatial_steps=5,8"], [0], str(out), CPU, workers=2)
+    assert len(stored(store, "t2i")) == 1 and len(stored(store, "t2v")) == 1
+    made = []
+    for folder in ("quick-seed0", "quick-seed0-spatial_steps=8"):
+        results = json.loads((tmp_path / "runs" / folder / "results.json").read_text())
+        made.append(not results["stages"]["t2i"]["reused"])
+        assert results["stages"]["t2i"]["threads"] == 1  # a worker's one thread
+    assert sorted(made) == [False, True]
+
+
+def test_bad_sweep_arguments_get_one_line_errors(capsys):
+    sweep = ["sweep", "--preset", "quick", "--seeds", "0", "--set"]
+    assert "KEY=VALUE with KEY one of" in cli_error(sweep + ["colour=red,blue"], capsys)
+    assert "spatial_rank takes a whole number" in cli_error(sweep + ["spatial_rank=2,b"], capsys)
+    assert "no values" in cli_error(sweep + ["spatial_rank=,"], capsys)
+    assert "varies one field" in cli_error(sweep + ["spatial_rank=2,4", "guidance=1,3"], capsys)
+    assert "whole numbers" in cli_error(["sweep", "--preset", "quick", "--seeds", "0,x"], capsys)
+    assert "no seeds" in cli_error(["sweep", "--preset", "quick", "--seeds", ","], capsys)
 
 
 # -------------------------------------------------------------------------------------- reliability
@@ -847,9 +959,7 @@ def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
         and "vocabulary" in message
     )
     assert "prompt is empty" in cli_error(sample + ["  "], capsys)
-    assert "finite" in cli_error(
-        sample + ["a sks object moving left", "--motion-scale", "nan"], capsys
-    )
+    assert "finite" in cli_error(sample + ["a sks object moving left", "--alpha", "nan"], capsys)
     assert "not a run folder" in cli_error(
         ["sample", "--run", str(tmp_path), "--prompt", "a sks object"], capsys
     )
@@ -858,7 +968,7 @@ def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in cli_error(["--device", "cuda"], capsys)
     (tmp_path / "file").write_text("")
-    assert "cannot write the output folder" in cli_error(
+    assert "cannot write the folder" in cli_error(
         ["--preset", "quick", "--out", str(tmp_path / "file" / "run")], capsys
     )
     assert "max_frames=16" in cli_error(
@@ -870,7 +980,7 @@ def test_bad_input_gets_one_line_errors(quick_run, capsys, tmp_path):
     )
 
 
-def test_sample_refuses_a_run_folder_made_by_an_older_version(quick_run, capsys, tmp_path):
+def test_run_folders_made_by_an_older_version_are_refused(quick_run, capsys, tmp_path):
     shutil.copytree(quick_run[0].dir, tmp_path / "old")
     with open(tmp_path / "old" / "config.json") as f:
         config = json.load(f)
@@ -879,8 +989,12 @@ def test_sample_refuses_a_run_folder_made_by_an_older_version(quick_run, capsys,
     sample = ["sample", "--run", str(tmp_path / "old"), "--prompt", "a sks object moving left"]
     message = cli_error(sample, capsys)
     assert "no longer has (adapter_lr)" in message and "--fresh" in message
-    os.remove(tmp_path / "old" / "config.json")  # made before run folders kept their config
-    assert "no config.json" in cli_error(sample, capsys)
+    os.remove(tmp_path / "old" / "config.json")
+    assert "not a run folder (no config.json)" in cli_error(sample, capsys)
+    os.makedirs(tmp_path / "older" / "ckpt")  # stages kept in the run folder: the older layout
+    message = cli_error(["--preset", "quick", "--out", str(tmp_path / "older")], capsys)
+    assert "older version" in message and "store" in message
+    assert os.path.isdir(tmp_path / "older" / "ckpt")  # refused, and nothing deleted
 
 
 def test_sample_refuses_a_stage_made_with_another_config(quick_run, capsys, tmp_path):
@@ -946,7 +1060,7 @@ def test_sample_command_writes_a_clip(quick_run, tmp_path):
             quick_run[0].dir,
             "--prompt",
             "a sks object moving left",
-            "--motion-scale",
+            "--alpha",
             "-1",
             "--out",
             str(out),
@@ -965,52 +1079,48 @@ def test_pickled_payload_and_truncated_checkpoints_are_refused(tmp_path):
     torch.save({"state": Payload()}, evil)
     with pytest.raises(train.CheckpointError, match="refused, it could run code.*re-make"):
         train.load_file(str(evil), "Run again to re-make it.")
-    run = Run(QUICK, str(tmp_path), CPU)
+    run = Run(QUICK, str(tmp_path), CPU, store=str(tmp_path / "store"))
     good = tmp_path / "good.pt"
     train.save_file({"w": torch.randn(1000)}, str(good))
+    os.makedirs(os.path.dirname(run.path("t2v")))
     with open(run.path("t2v"), "wb") as f:
         f.write(good.read_bytes()[:300])
-    with pytest.raises(train.CheckpointError, match="t2v.pt is truncated or corrupt.*stage 't2v'"):
+    with pytest.raises(train.CheckpointError, match="truncated or corrupt.*stage 't2v'"):
         run.stage("t2v", lambda: {})
 
 
+def quick_command(tmp_path, *args):
+    """The command line of a quick run into tmp_path/run, and an environment whose store is
+    tmp_path/store: a store of its own, so that every stage is made."""
+    argv = [sys.executable, os.path.join(HERE, "stillmoving.py"), "--preset", "quick"]
+    env = {**os.environ, "STILLMOVING_STORE": str(tmp_path / "store")}
+    return argv + ["--out", str(tmp_path / "run"), *args], env
+
+
 def test_killed_run_resumes_and_reuses_finished_stages(tmp_path):
-    out = str(tmp_path / "run")
-    argv = [
-        sys.executable,
-        os.path.join(HERE, "stillmoving.py"),
-        "--preset",
-        "quick",
-        "--out",
-        out,
-        "--set",
-        "t2v_steps=300",
-    ]
-    partial = os.path.join(out, "ckpt", "t2v.partial.pt")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    argv, env = quick_command(tmp_path, "--set", "t2v_steps=300")
+    partials = str(tmp_path / "store" / "t2v" / "*.partial.pt")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE, env=env
+    )
     deadline = time.time() + 120
-    while not os.path.exists(partial) and time.time() < deadline and proc.poll() is None:
+    while not glob.glob(partials) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert os.path.exists(partial) and not os.path.exists(os.path.join(out, "ckpt", "t2v.pt"))
-    again = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, timeout=300)
+    stored = glob.glob(str(tmp_path / "store" / "t2v" / "*.pt"))
+    assert glob.glob(partials) and stored == glob.glob(partials)  # no finished t2v yet
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
     log = again.stdout + again.stderr
     assert again.returncode == 0 and "[t2i] reused" in log and "[t2v] resuming at step" in log, log[
         -2000:
     ]
-    assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(partial)
+    assert os.path.exists(tmp_path / "run" / "results.json") and not glob.glob(partials)
 
 
 def test_a_run_logged_to_a_file_prints_a_line_per_stage_not_progress_bars(tmp_path):
-    argv = [sys.executable, os.path.join(HERE, "stillmoving.py"), "--preset", "quick"]
-    out = subprocess.run(
-        argv + ["--out", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        cwd=HERE,
-        timeout=300,
-    )
+    argv, env = quick_command(tmp_path)
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-2000:]
     assert "\r" not in log and "it/s" not in log  # no bar redraws
@@ -1019,7 +1129,8 @@ def test_a_run_logged_to_a_file_prints_a_line_per_stage_not_progress_bars(tmp_pa
 
 
 def test_same_seed_gives_identical_metrics(quick_run, tmp_path):
-    again = stillmoving.main(QUICK, str(tmp_path / "again"), CPU)
+    again = stillmoving.main(QUICK, str(tmp_path / "again"), CPU, store=str(tmp_path / "store"))
+    assert not any(how["reused"] for how in again["stages"].values())  # every stage made again
     assert again["rows"] == quick_run[1]["rows"]
 
 
@@ -1030,12 +1141,13 @@ def test_a_stage_made_after_reused_stages_is_the_one_an_uninterrupted_run_makes(
     in this process or reused from disk (it once did: a resumed run got other adapters, and other
     numbers)."""
     run, results, _ = quick_run
-    os.makedirs(tmp_path / "ckpt")
-    for name in os.listdir(os.path.join(run.dir, "ckpt")):
-        if not name.startswith("spatial_"):
-            shutil.copy(os.path.join(run.dir, "ckpt", name), tmp_path / "ckpt" / name)
+    for stage, how in results["stages"].items():
+        if not stage.startswith("spatial_"):
+            os.makedirs(tmp_path / "store" / stage)
+            shutil.copy(how["file"], tmp_path / "store" / stage)
     torch.randn(7)  # whatever ran before in this process
-    assert stillmoving.main(QUICK, str(tmp_path), CPU)["rows"] == results["rows"]
+    again = stillmoving.main(QUICK, str(tmp_path / "run"), CPU, store=str(tmp_path / "store"))
+    assert again["rows"] == results["rows"]
 
 
 def test_bench_reports_numbers_that_agree_with_each_other():

@@ -46,9 +46,9 @@ def space_time_code(frames, H, W, C, device):
     x_code, y_code = sinusoidal(xs.flatten(), C // 4), sinusoidal(ys.flatten(), C // 4)
     pixel = torch.cat([x_code, y_code], dim=1)  # (H*W, C/2)
     frame = sinusoidal(torch.arange(frames, device=device), C // 2)  # (F, C/2)
-    every_frame = pixel[:, None].expand(-1, frames, -1)  # (H*W, F, C/2)
-    every_pixel = frame[None].expand(H * W, -1, -1)  # (H*W, F, C/2)
-    return torch.cat([every_frame, every_pixel], dim=2)
+    pixel_code = pixel[:, None].expand(-1, frames, -1)  # (H*W, F, C/2): the same in every frame
+    frame_code = frame[None].expand(H * W, -1, -1)  # (H*W, F, C/2): the same at every pixel
+    return torch.cat([pixel_code, frame_code], dim=2)
 
 
 def groups(channels):
