@@ -53,7 +53,7 @@ class SpatialAdapter(nn.Module):
 
 # ------------------------------------------------------------------------------- add, scale, remove
 
-MOTION, SPATIAL = "motion", "spatial"
+MOTION, SPATIAL = "motion adapter", "spatial adapters"
 KINDS = {MOTION: LoRALinear, SPATIAL: SpatialAdapter}  # an adapter's kind is its class
 
 
@@ -147,29 +147,24 @@ def adapter_state_dict(model, kind):
     return {k: v.detach().clone() for k, v in state.items() if k.rpartition(".")[0] in names}
 
 
-def load_adapter_state_dict(model, state, kind):
-    """Load an adapter_state_dict into a model that has adapters of this kind, checking keys."""
+def load_adapter(model, state, kind):
+    """Load an adapter_state_dict into a model that has adapters of this kind, checking its keys
+    and moving its tensors to the model's device."""
     expected = set(adapter_state_dict(model, kind))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise ValueError(
-            f"{kind} adapter does not fit this model (missing {missing}, unexpected {extra}); "
-            "was it made with another config?"
+            f"{kind}: the saved tensors do not fit this model (missing {missing}, "
+            f"unexpected {extra}); was it made with another config?"
         )
-    model.load_state_dict(state, strict=False)
+    device = next(model.parameters()).device
+    model.load_state_dict({k: t.to(device) for k, t in state.items()}, strict=False)
     return model
 
 
 def rank_of(state):
     """The rank r of a saved adapter, read off its A_down (C x r)."""
     return next(t for k, t in state.items() if k.endswith("A_down")).shape[-1]
-
-
-def load_adapter(model, state, kind):
-    """load_adapter_state_dict, with the saved tensors moved to the model's device first."""
-    device = next(model.parameters()).device
-    on_device = {k: t.to(device) for k, t in state.items()}
-    return load_adapter_state_dict(model, on_device, kind)
 
 
 def with_motion_adapter(model, state, alpha):

@@ -48,6 +48,7 @@ from train import (
     Run,
     TrainingError,
     base_models,
+    differences,
     generate,
     override,
     pick_device,
@@ -707,9 +708,7 @@ def claim_folder(cfg, out):
     overwritten by another."""
     if not os.path.exists(os.path.join(out, "config.json")):
         return
-    saved = asdict(saved_config(out))
-    ours = asdict(cfg)
-    changed = [f"{k}={saved[k]!r} (now {v!r})" for k, v in ours.items() if saved[k] != v]
+    changed = differences(asdict(saved_config(out)), asdict(cfg))
     if changed:
         raise ConfigMismatch(
             f"{out} holds a run of another config ({', '.join(changed[:3])}); leave out --out "
@@ -768,8 +767,8 @@ def main(cfg, out, device, fresh=False, store=None):
 # A sweep is one run per (value of a field, seed), each in its own run folder beside the sweep's,
 # sharing every stage they have in common through the store. Runs are independent, so they go
 # side by side in worker processes of one thread each: on 2 cores, two one-thread processes make
-# 1.34x the training steps a second of one two-thread process (NOTES.md, Performance). A run on
-# one thread rounds differently from one on two: another draw of the same recipe.
+# 1.34x the training steps a second of one two-thread process (NOTES.md, stages side by side). A
+# run on one thread rounds differently from one on two: another draw of the same recipe.
 
 
 def sweep_plan(cfg, items, seeds):
@@ -819,11 +818,13 @@ def run_logged(job):
     return folder, said, time.time() - start
 
 
-def sweep(cfg, items, seeds, out, device, workers=None, threads=None):
+def sweep(cfg, items, seeds, device, out=None, workers=None, threads=None):
     """Every run of the plan not finished yet, `workers` at a time (default: one per core on a
     CPU, one on a GPU) of `threads` threads each (default 1 on a CPU); then sweep.md and
-    sweep.png in `out`. Returns {(value, seed): results} of the finished runs."""
+    sweep.png in `out` (default runs/sweep-<preset>-<field>). Returns {(value, seed): results} of
+    the finished runs."""
     field, plan = sweep_plan(cfg, items, seeds)
+    out = out or os.path.join("runs", f"sweep-{cfg.preset}-{field or 'seeds'}")
     configs = {(value, seed): c for value, seed, c in plan}
     folders = {key: os.path.join(os.path.dirname(out), run_name(c)) for key, c in configs.items()}
     todo = [key for key, c in configs.items() if not finished(c, folders[key])]
@@ -838,13 +839,13 @@ def sweep(cfg, items, seeds, out, device, workers=None, threads=None):
         jobs.append((configs[key], folders[key], device, threads, log))
     print(f"sweep: {len(plan)} runs, {len(plan) - len(todo)} finished before; {workers} at a time")
     print(f"sweep: {threads} thread(s) each; each run's log in {out}/logs")
-    if workers == 1:
-        for i, (folder, said, seconds) in enumerate(map(run_logged, jobs)):
+    with contextlib.ExitStack() as stack:  # a pool of workers is stopped on the way out
+        done = map(run_logged, jobs)  # one at a time, in this process
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            done = pool.imap_unordered(run_logged, jobs)
+        for i, (folder, said, seconds) in enumerate(done):
             print(f"[sweep {i + 1}/{len(jobs)}] {folder}: {said} ({seconds:.0f} s)")
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for i, (folder, said, seconds) in enumerate(pool.imap_unordered(run_logged, jobs)):
-                print(f"[sweep {i + 1}/{len(jobs)}] {folder}: {said} ({seconds:.0f} s)")
     found = {}
     for key, folder in folders.items():
         if finished(configs[key], folder):
@@ -895,36 +896,24 @@ def story(results, concept):
     }
 
 
-GREY, RED, GREEN, ORANGE = (110, 110, 110), (210, 40, 40), (20, 150, 60), (230, 130, 0)
-SWEEP_PANELS = (  # title, [(series, its colour, its statistic in `story`)], [(bar, its claim)]
-    (
-        "the switch: travel at alpha = 1 / V's",
-        [("naive injection + motion adapter", GREY, "switch_travel")],
-        [(0.25, "C1b")],
-    ),
-    (
-        "the switch: jitter at alpha = 1, px/frame",
-        [("naive injection + motion adapter", GREY, "switch_jitter")],
-        [(0.5, "C1b")],
-    ),
+GREY = (110, 110, 110)
+SWITCH = ("naive injection + motion adapter", GREY)  # a series: its name and colour
+NAIVE, STILL_MOVING = ("naive injection", (210, 40, 40)), ("Still-Moving", (20, 150, 60))
+ABLATION = ("no motion adapter", (230, 130, 0))
+SWEEP_PANELS = (  # title, [(series, its statistic in `story`)], [(bar, its claim)]
+    ("the switch: travel at alpha = 1 / V's", [(SWITCH, "switch_travel")], [(0.25, "C1b")]),
+    ("the switch: jitter at alpha = 1, px/frame", [(SWITCH, "switch_jitter")], [(0.5, "C1b")]),
     (
         "jitter, px/frame (lower is better: C3)",
-        [("naive injection", RED, "naive_jitter"), ("Still-Moving", GREEN, "still_moving_jitter")],
+        [(NAIVE, "naive_jitter"), (STILL_MOVING, "still_moving_jitter")],
         [],
     ),
     (
         "travel / V's",
-        [
-            ("Still-Moving", GREEN, "still_moving_travel"),
-            ("no motion adapter", ORANGE, "ablation_travel"),
-        ],
+        [(STILL_MOVING, "still_moving_travel"), (ABLATION, "ablation_travel")],
         [(0.75, "C4a"), (1.25, "C4a"), (0.5, "C4b")],
     ),
-    (
-        "direction accuracy / V's",
-        [("Still-Moving", GREEN, "still_moving_direction")],
-        [(0.75, "C4c")],
-    ),
+    ("direction accuracy / V's", [(STILL_MOVING, "still_moving_direction")], [(0.75, "C4c")]),
 )
 
 
@@ -985,12 +974,12 @@ def sweep_figure(path, title, field, plan, found, width=380, height=170):
     seeds_text = ", ".join(map(str, seeds))
     draw.text((6, 4), f"{title}: seeds {seeds_text}", fill="black", font=font)
     note = "each dot is a seed, the line their mean; a dashed line is a claim's bar"
-    draw.text((6, 20), note, fill=GREY, font=font)
-    labels = [f"{field}={v}" if field else "preset" for v in values]
+    draw.text((6, 20), f"x: {field or 'the preset'}; {note}", fill=GREY, font=font)
+    labels = [str(v) if field else "preset" for v in values]
     for j, concept in enumerate(("style", "subject")):
         for i, (panel, series, bars) in enumerate(SWEEP_PANELS):
             plotted = []
-            for name, colour, key in series:
+            for (name, colour), key in series:
                 per_value = []
                 for value in values:
                     runs = [found[value, s] for s in seeds if (value, s) in found]
@@ -1113,12 +1102,8 @@ def cli(argv):
             return sample_command(args)
         device = pick_device(args.device)
         if argv[:1] == ["sweep"]:
-            field = next((i.partition("=")[0] for i in args.set if "," in i), "seeds")
-            out = args.out or os.path.join("runs", f"sweep-{args.preset}-{field}")
-            cfg = PRESETS[args.preset]
-            return sweep(
-                cfg, args.set, seeds_from(args.seeds), out, device, args.workers, args.threads
-            )
+            seeds, cfg = seeds_from(args.seeds), PRESETS[args.preset]
+            return sweep(cfg, args.set, seeds, device, args.out, args.workers, args.threads)
         cfg = config_from(args)
         out = args.out or os.path.join("runs", run_name(cfg))
         if args.fresh and os.path.isdir(out):

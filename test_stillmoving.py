@@ -236,10 +236,10 @@ def test_adapter_state_dicts_hold_only_adapters_and_round_trip(tmp_path):
     train.save_file(motion, str(tmp_path / "motion.pt"))
     loaded = train.load_file(str(tmp_path / "motion.pt"), "")
     _, fresh = tiny()
-    lora.load_adapter_state_dict(lora.add_motion_adapter(fresh, rank=2), loaded, MOTION)
+    lora.load_adapter(lora.add_motion_adapter(fresh, rank=2), loaded, MOTION)
     assert all(torch.equal(motion[k], w) for k, w in lora.adapter_state_dict(fresh, MOTION).items())
-    with pytest.raises(ValueError, match="does not fit"):
-        lora.load_adapter_state_dict(
+    with pytest.raises(ValueError, match="motion adapter: the saved tensors do not fit"):
+        lora.load_adapter(
             lora.add_motion_adapter(tiny()[1], rank=2), {"x.A_up": torch.zeros(1)}, MOTION
         )
 
@@ -917,7 +917,7 @@ def test_runs_side_by_side_that_share_m_make_it_once(tmp_path, monkeypatch):
     store = str(tmp_path / "store")
     monkeypatch.setenv("STILLMOVING_STORE", store)
     out = tmp_path / "runs" / "sweep"
-    stillmoving.sweep(QUICK, ["spatial_steps=5,8"], [0], str(out), CPU, workers=2)
+    stillmoving.sweep(QUICK, ["spatial_steps=5,8"], [0], CPU, str(out), workers=2)
     assert len(stored(store, "t2i")) == 1 and len(stored(store, "t2v")) == 1
     made = []
     for folder in ("quick-seed0", "quick-seed0-spatial_steps=8"):

@@ -231,6 +231,12 @@ def override(cfg, items):
     return replace(cfg, **changes)
 
 
+def differences(saved, ours):
+    """The fields whose values differ between two signatures or configs (dicts), as
+    "field=saved (now ours)"."""
+    return [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+
+
 def saved_config(run_dir):
     """The config a run folder was made with (its config.json), or a one-line error."""
     path = os.path.join(run_dir, "config.json")
@@ -461,10 +467,9 @@ class Run:
         for name in stored:
             if name.endswith(".partial.pt") or not name.endswith(".pt"):
                 continue
-            theirs = load_file(os.path.join(folder, name), "Delete it.")["config"]
-            changed = [
-                f"{k}={theirs.get(k)!r} (now {v!r})" for k, v in ours.items() if theirs.get(k) != v
-            ]
+            changed = differences(
+                load_file(os.path.join(folder, name), "Delete it.")["config"], ours
+            )
             if nearest is None or len(changed) < len(nearest):
                 nearest = changed
         return f"made with {', '.join(nearest[:4])}" if nearest else "not made yet"
