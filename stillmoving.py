@@ -157,13 +157,11 @@ def train_spatial_adapters(run, v, m1, motion_adapter, generated, concept, varia
 
 
 def test_time_model(v, m1, motion_adapter, spatial):
-    """Sec. 3.3 at test time: the model as it was trained (V with M1 injected, the motion adapter
-    and the trained spatial adapters), then the motion adapter removed. The spatial adapters
-    stay."""
-    model = lora.with_motion_adapter(inject(v, m1), motion_adapter, 1.0)
-    model = lora.load_adapter(
-        lora.add_spatial_adapters(model, lora.rank_of(spatial)), spatial, SPATIAL
-    )
+    """Sec. 3.3 at test time: V with M1 injected and the trained spatial adapters, built as it was
+    trained (with the motion adapter), then the motion adapter removed."""
+    model = lora.with_motion_adapter(inject(v, m1), motion_adapter, 1.0)  # as trained
+    model = lora.add_spatial_adapters(model, lora.rank_of(spatial))
+    model = lora.load_adapter(model, spatial, SPATIAL)  # the trained spatial adapters stay
     lora.remove_adapters(model, MOTION)  # test time: the motion adapter is removed
     return model.eval()
 
@@ -172,9 +170,9 @@ def test_time_model(v, m1, motion_adapter, spatial):
 
 
 def recipe(run):
-    """Still-Moving from start to end, each stage reused when its file was made from the same config
-    fields (train.STAGES). Returns the parts the evaluation needs, by name; `models` holds the
-    customized video model of each concept, as a user would sample from it."""
+    """Still-Moving from start to end, each stage taken from the store when one was made from the
+    same config fields (train.STAGES). Returns the parts the evaluation needs, by name; `models`
+    holds the customized video model of each concept, as a user would sample from it."""
     # the setting: M, V inflated from it (Sec. 3.1), and M1, M customized on stills, per concept
     m, v, m1s = base_models(run)
     # Sec. 3.2: the motion adapter, trained once on the plain V

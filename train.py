@@ -1,10 +1,11 @@
-"""DDPM, one training loop for every stage, the stages and their run folder, and the models the
-paper starts from: M, V and M1.
+"""DDPM, one training loop for every stage, the stages and their store, and the models the paper
+starts from: M, V and M1.
 
 - `Config` and `PRESETS`: the one config mechanism (a dataclass per preset; `--set` overrides it).
 - `Diffusion`: the noise schedule, the loss (Ho et al. 2020, Algorithm 1) and one sampler,
   deterministic DDIM (Song et al. 2021, Eq. 12 with eta = 0).
-- `Run`: a run folder, a file per finished stage (`STAGES`), reused until a field it reads changes.
+- `Run`: one run: its folder (results, figures) and the store of finished stages (`STAGES`), where
+  a stage is kept under the config fields it reads and reused by every run that shares them.
 - `train_loop`: the single loop every stage uses (progress bar, EMA, NaN guard, resumable).
 - `base_models`: M, V (M inflated; only its temporal layers trained, as AnimateDiff does) and M1.
 - `bench`: where a training step of V stands against this machine's matmul peak.
@@ -518,7 +519,8 @@ class TrainingError(RuntimeError):
 
 def train_loop(run, stage, model, params, loss_fn, steps, lr):
     """AdamW on `params` for `steps` steps of loss_fn(rng, gen), resumable: every ckpt_every steps
-    the trainable tensors, optimizer, EMA and step go to <stage>.partial.pt. At the end the EMA
+    the trainable tensors, optimizer, EMA and step go to the stage's checkpoint in the store
+    (<key>.partial.pt beside the stage's file). At the end the EMA
     weights (if enabled) replace the trained ones."""
     cfg, device = run.cfg, run.device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)  # one kernel for all
