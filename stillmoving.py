@@ -807,12 +807,13 @@ def run_logged(job):
     if threads:
         torch.set_num_threads(threads)
     start = time.time()
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        try:
-            said = verdict_counts(main(cfg, folder, device)["claims"])
-        except (ValueError, CheckpointError, TrainingError) as e:
-            said = f"error: {e}"
-            print(said)
+    with open(log, "w", buffering=1) as f:  # line by line, for a reader who tails it
+        with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            try:
+                said = verdict_counts(main(cfg, folder, device)["claims"])
+            except (ValueError, CheckpointError, TrainingError) as e:
+                said = f"error: {e}"
+                print(said)
     return folder, said, time.time() - start
 
 

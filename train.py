@@ -520,8 +520,8 @@ class TrainingError(RuntimeError):
 def train_loop(run, stage, model, params, loss_fn, steps, lr):
     """AdamW on `params` for `steps` steps of loss_fn(rng, gen), resumable: every ckpt_every steps
     the trainable tensors, optimizer, EMA and step go to the stage's checkpoint in the store
-    (<key>.partial.pt beside the stage's file). At the end the EMA
-    weights (if enabled) replace the trained ones."""
+    (<key>.partial.pt beside the stage's file). At the end the EMA weights (if enabled) replace
+    the trained ones."""
     cfg, device = run.cfg, run.device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)  # one kernel for all
     ema = [p.detach().clone() for p in params]
