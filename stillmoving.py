@@ -822,6 +822,8 @@ def sweep(cfg, items, seeds, device, out=None, workers=None, threads=None):
     CPU, one on a GPU) of `threads` threads each (default 1 on a CPU); then sweep.md and
     sweep.png in `out` (default runs/sweep-<preset>-<field>). Returns {(value, seed): results} of
     the finished runs."""
+    if min(workers or 1, threads or 1) < 1:
+        raise ValueError(f"--workers {workers} --threads {threads}: each must be at least 1")
     field, plan = sweep_plan(cfg, items, seeds)
     out = out or os.path.join("runs", f"sweep-{cfg.preset}-{field or 'seeds'}")
     configs = {(value, seed): c for value, seed, c in plan}

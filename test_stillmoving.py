@@ -935,6 +935,7 @@ def test_bad_sweep_arguments_get_one_line_errors(capsys):
     assert "varies one field" in cli_error(sweep + ["spatial_rank=2,4", "guidance=1,3"], capsys)
     assert "whole numbers" in cli_error(["sweep", "--preset", "quick", "--seeds", "0,x"], capsys)
     assert "no seeds" in cli_error(["sweep", "--preset", "quick", "--seeds", ","], capsys)
+    assert "at least 1" in cli_error(["sweep", "--preset", "quick", "--workers", "-2"], capsys)
 
 
 # -------------------------------------------------------------------------------------- reliability
