@@ -860,17 +860,33 @@ def sweep(cfg, items, seeds, device, out=None, workers=None, threads=None):
 
 
 def sweep_markdown(title, field, plan, found):
-    """sweep.md: each value's verdict counts, then every claim's verdict, statistic and interval
-    for each value and seed."""
+    """sweep.md: each value's verdict counts, each claim's verdicts by value and seed, then every
+    claim's verdict, statistic and interval for each value and seed."""
     values = list(dict.fromkeys(value for value, _, _ in plan))
+    seeds = list(dict.fromkeys(seed for _, seed, _ in plan))
+    verdict_of = {}  # (value, seed, claim id) -> verdict, for the finished runs
+    for (value, seed), results in found.items():
+        for c in results["claims"]:
+            verdict_of[value, seed, c["id"]] = c["verdict"]
     name = field or "value"
     lines = [f"# {title}", "", RULE, "", f"| {name} | runs | HOLDS | INCONCLUSIVE | FAILS |"]
     lines.append("|---|---|---|---|---|")
     for value in values:
-        claims = [c for (v, _), r in found.items() if v == value for c in r["claims"]]
-        counts = [sum(c["verdict"] == verdict for c in claims) for verdict in VERDICTS]
-        runs = sum(v == value for v, _ in found)
-        lines.append(f"| {value} | {runs} | " + " | ".join(map(str, counts)) + " |")
+        found_here = [verdict for (v, _, _), verdict in verdict_of.items() if v == value]
+        counts = " | ".join(str(found_here.count(verdict)) for verdict in VERDICTS)
+        lines.append(f"| {value} | {sum(v == value for v, _ in found)} | {counts} |")
+    lines += [
+        "",
+        f"Each claim by {name}, a letter per seed ({', '.join(map(str, seeds))}): H HOLDS,",
+    ]
+    lines += ["I INCONCLUSIVE, F FAILS, - not finished.", ""]
+    lines += ["| claim | " + " | ".join(map(str, values)) + " |", "|---" * (1 + len(values)) + "|"]
+    for claim_id in dict.fromkeys(claim_id for _, _, claim_id in verdict_of):
+        cells = []
+        for value in values:
+            letters = [verdict_of.get((value, seed, claim_id), "-")[0] for seed in seeds]
+            cells.append(" ".join(letters))
+        lines.append(f"| {claim_id} | " + " | ".join(cells) + " |")
     lines += ["", f"| {name} | seed | claim | verdict | statistic: value [95% interval] |"]
     lines.append("|---|---|---|---|---|")
     for value, seed, _ in plan:

@@ -902,6 +902,7 @@ def test_a_sweep_makes_only_the_stages_that_differ_writes_its_table_and_resumes(
     table = open(os.path.join(out, "sweep.md")).read()
     assert "| 5 | 2 |" in table and "| 8 | 2 |" in table  # each value's counts over its 2 seeds
     assert "| 8 | 1 | C4b_style |" in table
+    assert "| C6 | H H | H H |" in table  # a claim's verdicts by value, a letter per seed
     folders = sorted(os.listdir(tmp_path / "runs"))
     assert folders == ["quick-seed0", "quick-seed0-spatial_steps=8", "quick-seed1"] + [
         "quick-seed1-spatial_steps=8",
