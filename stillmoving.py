@@ -764,9 +764,9 @@ def main(cfg, out, device, fresh=False, store=None):
 #
 # A sweep is one run per (value of a field, seed), each in its own run folder beside the sweep's,
 # sharing every stage they have in common through the store. Runs are independent, so they go
-# side by side in worker processes of one thread each: on 2 cores, two one-thread processes make
-# 1.34x the training steps a second of one two-thread process (NOTES.md, stages side by side). A
-# run on one thread rounds differently from one on two: another draw of the same recipe.
+# side by side in worker processes of one thread each: on 2 cores, two one-thread processes did
+# 1.1x to 1.3x the work a second of one two-thread process, stage by stage (NOTES.md, the stage
+# store). A run on one thread rounds differently from one on two: another draw of the recipe.
 
 
 def sweep_plan(cfg, items, seeds):

@@ -120,19 +120,19 @@ def load_file(path, remedy):
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = "small"
-    seed: int = 0
+    preset: str = "small"  # the preset it started from (the run folder's name begins with it)
+    seed: int = 0  # every stage's randomness and every data stream's (data.py)
     size: int = 16  # frame side in pixels
     frames: int = 8  # frames per video
     ch: int = 32  # UNet base width
     mults: tuple = (1, 2)  # width multiplier per resolution level
-    text_dim: int = 64
+    text_dim: int = 64  # width of the text encoder's tokens
     max_frames: int = 16  # length of the temporal position code
     image_batch: int = 32  # images per T2I step (M); 64 drew no better (NOTES.md)
     video_batch: int = 8  # videos per T2V / adapter step
-    lr: float = 1e-3  # base models
-    t2i_steps: int = 1500
-    t2v_steps: int = 1500
+    lr: float = 1e-3  # learning rate of M and of V's temporal layers
+    t2i_steps: int = 1500  # M's training steps
+    t2v_steps: int = 1500  # V's training steps (its temporal layers only)
     # the grey of the custom style's ground (every other clip: black): the lightest at which the
     # motion adapter's switch was not refuted on the customized model and naive injection still
     # broke the style (NOTES.md, the style's shift)
@@ -140,14 +140,14 @@ class Config:
     custom_batch: int = 64  # images per customization step: half stills, half prior images
     subject_steps: int = 600  # the subject's M1: one object to learn
     style_steps: int = 1000  # the style's M1: twelve contents on a new ground (NOTES.md)
-    custom_lr: float = 1e-3
+    custom_lr: float = 1e-3  # learning rate of both M1s
     n_stills: int = 12  # still images per concept
-    motion_steps: int = 500
-    spatial_steps: int = 300
-    motion_lr: float = 1e-3
-    spatial_lr: float = 3e-3  # rank 16 and 3e-3: chosen by the sweep in NOTES.md
-    motion_rank: int = 4
-    spatial_rank: int = 16
+    motion_steps: int = 500  # the motion adapter's training steps
+    spatial_steps: int = 300  # each training of spatial adapters (Still-Moving, each ablation)
+    motion_lr: float = 1e-3  # the motion adapter's learning rate
+    spatial_lr: float = 3e-3  # the spatial adapters': rank 16 and 3e-3 chosen by a sweep (NOTES.md)
+    motion_rank: int = 4  # r of the motion adapter's A_down (C x r) and A_up (r x d_k)
+    spatial_rank: int = 16  # r of each spatial adapter's A_down (C x r) and A_up (r x C)
     n_prior_videos: int = 40  # ordinary real videos for prior preservation (Sec. 3.3)
     n_prior_images: int = 32  # images M generates for M1's prior preservation (DreamBooth)
     n_m1_images: int = 32  # images M1 generates: the content of the frozen videos (Sec. 3.3)
