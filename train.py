@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import pickle
-import resource
 import time
 import zipfile
 import zlib
@@ -663,7 +662,7 @@ def customize(run, m, concept):
 def bench(cfg, device, steps=10):
     """Where V's training step stands against this machine: its time and FLOPs (FlopCounterMode)
     against the same-process matmul peak at 2048^3 (8192^3 on CUDA), so that achieved / peak
-    (MFU) means something on any machine; then sampling speed and peak memory. Returns the MFU."""
+    (MFU) means something on any machine. Returns the MFU."""
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     v = inflate(new_unet(cfg)).to(device)
@@ -697,12 +696,6 @@ def bench(cfg, device, steps=10):
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
     timed(lambda: a @ a, 2)  # warm-up
     peak = 2 * n**3 / timed(lambda: a @ a, 10)
-    prompts = [data.random_clip(rng).prompt() for _ in range(cfg.video_batch)]
-    videos_per_s = len(prompts) / timed(lambda: generate(v, diffusion, prompts, cfg, seed=0))
-    if cuda:
-        memory, how = torch.cuda.max_memory_allocated(), "max_memory_allocated"
-    else:
-        memory, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
     parameters = sum(p.numel() for p in v.parameters())
     achieved = flops / seconds
     print(
@@ -712,9 +705,6 @@ def bench(cfg, device, steps=10):
         f"{cfg.video_batch * cfg.frames / seconds:.0f} frames/s; "
         f"{flops / 1e9:.4g} GFLOP/step, {achieved / 1e9:.4g} GFLOP/s achieved\n"
         f"matmul peak: {peak / 1e9:.4g} GFLOP/s at {n}^3\n"
-        f"sampling: {videos_per_s:.2f} videos/s "
-        f"(DDIM {cfg.sample_steps} steps, guidance {cfg.guidance})\n"
-        f"peak memory: {memory / 2**20:.0f} MiB ({how})\n"
         f"MFU {achieved / peak:.3f}"
     )
     return achieved / peak
