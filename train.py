@@ -160,8 +160,8 @@ class Config:
     sample_batch: int = 8  # prompts sampled at once; on CPU 8 beat 64 (NOTES.md)
     ema: float = 0.995  # EMA decay of trained weights; 0 turns it off
     # every stage's learning rate: "cosine" warms up over its first 5% of steps, then decays to 0
-    # along a half cosine; "constant" keeps it flat. Cosine (with min_snr=5) in 600 to 1,000 of
-    # V's steps never taught V the direction word (NOTES.md), so it stays constant
+    # along a half cosine; "constant" keeps it flat. V reads the direction word suddenly, after
+    # 750 to 1,000 steps at a constant 1e-3, and a cosine in 600 or 750 never taught it (NOTES.md)
     schedule: str = "constant"
     # min-SNR-gamma loss weights over timesteps (Hang et al. 2023), gamma; 0: uniform weights.
     # For the v loss it down-weights the noisiest steps, where a video's motion is decided
@@ -317,8 +317,8 @@ class Diffusion:
         if not self.min_snr:
             return F.mse_loss(pred.float(), self.target(x0, t, eps))  # Alg. 1 line 5
         # min-SNR-gamma: the v loss is (SNR + 1) times the x_0 loss, so weighting the x_0 loss by
-        # min(SNR, gamma) weights the v loss by min(SNR, gamma) / (SNR + 1). Nearly clean steps no
-        # longer pull against the noisy ones, which is what makes convergence faster
+        # min(SNR, gamma) weights the v loss by min(SNR, gamma) / (SNR + 1): nearly clean steps no
+        # longer pull against the noisy ones, Hang et al.'s account of its faster convergence
         snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])
         weight = snr.clamp(max=self.min_snr) / (snr + 1)
         per_item = (pred.float() - self.target(x0, t, eps)).square().flatten(1).mean(1)
