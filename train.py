@@ -17,7 +17,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import pickle
 import time
@@ -118,9 +117,6 @@ def load_file(path, remedy):
 # ------------------------------------------------------------------------------------------- config
 
 
-SCHEDULES = ("cosine", "constant")
-
-
 @dataclass(frozen=True)
 class Config:
     preset: str = "small"  # the preset it started from (the run folder's name begins with it)
@@ -159,13 +155,6 @@ class Config:
     eval_videos: int = 64  # videos per row: intervals 0.7 as wide as at 32 (NOTES.md)
     sample_batch: int = 8  # prompts sampled at once; on CPU 8 beat 64 (NOTES.md)
     ema: float = 0.995  # EMA decay of trained weights; 0 turns it off
-    # every stage's learning rate: "cosine" warms up over its first 5% of steps, then decays to 0
-    # along a half cosine; "constant" keeps it flat. V reads the direction word suddenly, after
-    # 750 to 1,000 steps at a constant 1e-3, and a cosine in 600 or 750 never taught it (NOTES.md)
-    schedule: str = "constant"
-    # min-SNR-gamma loss weights over timesteps (Hang et al. 2023), gamma; 0: uniform weights.
-    # For the v loss it down-weights the noisiest steps, where a video's motion is decided
-    min_snr: float = 0.0
     ckpt_every: int = 100  # steps between resumable checkpoints
 
     def __post_init__(self):
@@ -188,10 +177,6 @@ class Config:
         counts += (self.sample_steps, self.sample_batch)
         if min(counts) < 1:
             raise ValueError("batch sizes, sample counts and sampler steps must be at least 1")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}: one of {', '.join(SCHEDULES)}")
-        if self.min_snr < 0:
-            raise ValueError(f"min_snr={self.min_snr}: gamma is positive, or 0 for uniform weights")
 
 
 PRESETS = {
@@ -282,8 +267,8 @@ class Diffusion:
     (Salimans & Ho 2022) rather than the noise eps itself (Ho et al.): with eps, V's videos
     flickered (NOTES.md)."""
 
-    def __init__(self, device, T=1000, beta_1=1e-4, beta_T=0.02, min_snr=0.0):
-        self.T, self.min_snr = T, min_snr
+    def __init__(self, device, T=1000, beta_1=1e-4, beta_T=0.02):
+        self.T = T
         betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # beta_t
         alpha_bar = torch.cumprod(1 - betas, dim=0)  # \bar\alpha_t = prod_s (1 - beta_s)
         self.betas = betas.float().to(device)
@@ -314,15 +299,7 @@ class Diffusion:
         tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)  # null prompt: <pad>s
         with autocast(x0.device):
             pred = model(self.q_sample(x0, t, eps), t, tokens)
-        if not self.min_snr:
-            return F.mse_loss(pred.float(), self.target(x0, t, eps))  # Alg. 1 line 5
-        # min-SNR-gamma: the v loss is (SNR + 1) times the x_0 loss, so weighting the x_0 loss by
-        # min(SNR, gamma) weights the v loss by min(SNR, gamma) / (SNR + 1): nearly clean steps no
-        # longer pull against the noisy ones, Hang et al.'s account of its faster convergence
-        snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])
-        weight = snr.clamp(max=self.min_snr) / (snr + 1)
-        per_item = (pred.float() - self.target(x0, t, eps)).square().flatten(1).mean(1)
-        return (weight * per_item).mean()
+        return F.mse_loss(pred.float(), self.target(x0, t, eps))  # Alg. 1 line 5
 
     def eps(self, model, x, t, tokens, guidance):
         """The guided noise estimate eps_u + w (eps_c - eps_u) (classifier-free guidance), both
@@ -386,7 +363,6 @@ def generate(model, diffusion, prompts, cfg, seed, video=True):
 SAMPLER = ("sample_steps", "guidance", "sample_batch")
 CUSTOM = ("custom_batch", "custom_lr", "n_stills", "n_prior_images", *SAMPLER)  # M's images too
 M_FIELDS = ("seed", "size", "frames", "ch", "mults", "text_dim", "max_frames", "ema")
-M_FIELDS += ("schedule", "min_snr")  # how every stage trains
 STAGES = {
     "t2i": (M_FIELDS + ("lr", "image_batch", "t2i_steps"), ()),
     "t2v": (("video_batch", "t2v_steps"), ("t2i",)),
@@ -443,7 +419,7 @@ class Run:
     def __init__(self, cfg, out, device, make=True, fresh=False, store=None):
         self.cfg, self.dir, self.device, self.make, self.fresh = cfg, out, device, make, fresh
         self.store = store or store_dir()
-        self.diffusion = Diffusion(device, min_snr=cfg.min_snr)
+        self.diffusion = Diffusion(device)
         self.made = {}  # per stage used: its file, seconds, threads, device, and whether reused
         old = os.path.join(out, "ckpt")
         if os.path.isdir(old):
@@ -540,23 +516,11 @@ class TrainingError(RuntimeError):
     pass
 
 
-def learning_rate(lr, step, steps, schedule):
-    """The learning rate at `step` of `steps`: lr throughout ("constant"), or ("cosine") a linear
-    warm-up over the first 5% of steps, then a half cosine down to 0 at the last step."""
-    if schedule == "constant":
-        return lr
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    done = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * done))
-
-
 def train_loop(run, stage, model, params, loss_fn, steps, lr):
-    """AdamW on `params` for `steps` steps of loss_fn(rng, gen), its rate set by learning_rate,
-    resumable: every ckpt_every steps the trainable tensors, optimizer, EMA and step go to the
-    stage's checkpoint in the store (<key>.partial.pt beside the stage's file). At the end the EMA
-    weights (if enabled) replace the trained ones."""
+    """AdamW on `params` for `steps` steps of loss_fn(rng, gen), resumable: every ckpt_every steps
+    the trainable tensors, optimizer, EMA and step go to the stage's checkpoint in the store
+    (<key>.partial.pt beside the stage's file). At the end the EMA weights (if enabled) replace
+    the trained ones."""
     cfg, device = run.cfg, run.device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)  # one kernel for all
     ema = [p.detach().clone() for p in params]
@@ -587,8 +551,6 @@ def train_loop(run, stage, model, params, loss_fn, steps, lr):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:  # from the step alone: a resumed run takes up the schedule
-            group["lr"] = learning_rate(lr, step, steps, cfg.schedule)
         opt.step()
         decay = min(cfg.ema, (1 + step) / (10 + step))  # warm-up: a young EMA must not lag far
         with torch.no_grad():
