@@ -140,6 +140,7 @@ class Config:
     subject_steps: int = 600  # the subject's M1: one object to learn
     style_steps: int = 1000  # the style's M1: twelve contents on a new ground (NOTES.md)
     custom_lr: float = 1e-3  # learning rate of both M1s
+    m1_text_encoder: bool = True  # whether M1 fine-tunes its text encoder too, or its UNet alone
     n_stills: int = 12  # still images per concept
     motion_steps: int = 500  # the motion adapter's training steps
     # each training of spatial adapters (Still-Moving, each ablation): at 300 the ablation without
@@ -224,10 +225,16 @@ def override(cfg, items):
         try:
             if kind is tuple:
                 changes[key] = tuple(int(v) for v in value.split(","))
+            elif kind is bool:
+                changes[key] = {"true": True, "false": False}[value.lower()]
             else:
                 changes[key] = kind(value)
-        except ValueError:
-            what = {tuple: "whole numbers, comma-separated", int: "a whole number"}
+        except (ValueError, KeyError):
+            what = {
+                tuple: "whole numbers, comma-separated",
+                int: "a whole number",
+                bool: "true or false",
+            }
             what = what.get(kind, f"a {kind.__name__}")
             raise ValueError(f"--set {item!r}: {key} takes {what}") from None
     return replace(cfg, **changes)
@@ -363,7 +370,8 @@ def generate(model, diffusion, prompts, cfg, seed, video=True):
 # A stage's signature is its own fields plus those of every stage below it, so a changed field
 # re-makes exactly the stages that depend on it (`--set spatial_rank=4` keeps M, V and the M1s).
 SAMPLER = ("sample_steps", "guidance", "sample_batch")
-CUSTOM = ("custom_batch", "custom_lr", "n_stills", "n_prior_images", *SAMPLER)  # M's images too
+CUSTOM = ("custom_batch", "custom_lr", "m1_text_encoder", "n_stills", "n_prior_images")
+CUSTOM += SAMPLER  # M1's prior images are M's samples
 M_FIELDS = ("seed", "size", "frames", "ch", "mults", "text_dim", "max_frames", "ema")
 STAGES = {
     "t2i": (M_FIELDS + ("lr", "image_batch", "t2i_steps"), ()),
@@ -651,7 +659,9 @@ def customize(run, m, concept):
             return diffusion.loss(m1, x, data.tokenize(captions).to(dev), gen)
 
         steps = cfg.style_steps if concept == "style" else cfg.subject_steps
-        train_loop(run, f"custom_{concept}", m1, list(m1.parameters()), loss, steps, cfg.custom_lr)
+        m1.text.requires_grad_(cfg.m1_text_encoder)  # off: the UNet alone, a common variant
+        params = [p for p in m1.parameters() if p.requires_grad]
+        train_loop(run, f"custom_{concept}", m1, params, loss, steps, cfg.custom_lr)
         return m1.state_dict()
 
     m1.load_state_dict(run.stage(f"custom_{concept}", train_m1))
