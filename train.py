@@ -228,15 +228,14 @@ def override(cfg, items):
             if kind is tuple:
                 changes[key] = tuple(int(v) for v in value.split(","))
             elif kind is bool:
-                changes[key] = {"true": True, "false": False}[value.lower()]
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                changes[key] = value.lower() == "true"
             else:
                 changes[key] = kind(value)
-        except (ValueError, KeyError):
-            what = {
-                tuple: "whole numbers, comma-separated",
-                int: "a whole number",
-                bool: "true or false",
-            }
+        except ValueError:
+            what = {tuple: "whole numbers, comma-separated", int: "a whole number"}
+            what[bool] = "true or false"
             what = what.get(kind, f"a {kind.__name__}")
             raise ValueError(f"--set {item!r}: {key} takes {what}") from None
     return replace(cfg, **changes)
